@@ -1,0 +1,3 @@
+from resque_starter.cli import main
+
+raise SystemExit(main())
