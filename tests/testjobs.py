@@ -1,0 +1,51 @@
+"""Job functions the tests enqueue. Workers import them as `testjobs.*` (tests/ is on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from rq import get_current_job
+
+
+def noop() -> str:
+    return "ok"
+
+
+def _record(tag: str) -> None:
+    job = get_current_job()
+    assert job is not None
+    job.connection.rpush(f"testjobs:{tag}", job.id)
+
+
+def record(tag: str = "done") -> str:
+    """Push this job's id onto the list `testjobs:<tag>`: the proof it ran (and how often)."""
+    _record(tag)
+    return "recorded"
+
+
+def sleep_then_record(seconds: float, tag: str = "done") -> str:
+    _record(f"{tag}:started")
+    time.sleep(seconds)
+    _record(tag)
+    return "slept"
+
+
+def fail(message: str = "boom") -> None:
+    raise RuntimeError(message)
+
+
+def make_orphan(seconds: float = 0.2) -> int:
+    """Double-fork a grandchild that outlives this job: it becomes the subreaper's (PID 1's) child."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"import os,time\nif os.fork()==0:\n    time.sleep({seconds})\n"],
+    )
+    proc.wait()
+    _record("orphans")
+    return proc.pid
+
+
+def pid() -> int:
+    return os.getpid()
