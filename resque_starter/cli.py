@@ -1,0 +1,114 @@
+"""Command line: `resque-starter [run|demo] [--flags]` and `resque-starter ctl COMMAND`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from resque_starter import config, control, logs
+from resque_starter.config import EXIT_CONFIG, ConfigError
+
+SUBCOMMANDS = ("run", "demo", "ctl")
+DEMO_APP = "resque_starter.demo.tasks"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in (*SUBCOMMANDS, "-h", "--help", "--version"):
+        args_list.insert(0, "run")
+    args = build_parser().parse_args(args_list)
+    if args.command == "ctl":
+        return ctl(args)
+    return run(args, demo=args.command == "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from resque_starter import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="resque-starter",
+        description="Preload an app once and fork N rq workers over it; a PID-1 supervisor for containers.",
+    )
+    parser.add_argument("--version", action="version", version=f"resque-starter {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "start the supervisor (the default)"),
+        ("demo", "start the supervisor on the example app, with a producer enqueuing jobs"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        config.add_flags(p)
+    p = sub.add_parser("ctl", help="talk to a running supervisor through its control socket")
+    p.add_argument("--run-dir", default=None, help="the supervisor's RESQUE_STARTER_RUN_DIR")
+    ctl_sub = p.add_subparsers(dest="ctl_command", required=True)
+    s = ctl_sub.add_parser("status", help="slots, pids, generation, state, current job, memory")
+    s.add_argument("--json", action="store_true", help="the stable JSON document")
+    s = ctl_sub.add_parser("scale", help="set the worker count: N, +N or -N (of GROUP, default the first)")
+    s.add_argument("target", nargs="+", metavar="[GROUP] N")
+    ctl_sub.add_parser("pause", help="workers take no new job (USR2)")
+    ctl_sub.add_parser("resume", help="workers take jobs again (CONT)")
+    ctl_sub.add_parser("reload", help="graceful reload: a new generation (HUP)")
+    ctl_sub.add_parser("kill-jobs", help="kill every running job; workers go on (USR1)")
+    s = ctl_sub.add_parser("stop", help="graceful stop (QUIT), or --quick (INT)")
+    s.add_argument("--quick", action="store_true")
+    s = ctl_sub.add_parser("drain", help="for a preStop hook: pause, then wait until no job runs")
+    s.add_argument("--timeout", type=float, default=25.0)
+    s = ctl_sub.add_parser("health", help="exit status for exec probes")
+    check = s.add_mutually_exclusive_group(required=True)
+    check.add_argument("--live", action="store_const", const="live", dest="check")
+    check.add_argument("--ready", action="store_const", const="ready", dest="check")
+    return parser
+
+
+def run(args: argparse.Namespace, demo: bool) -> int:
+    from resque_starter.supervisor import Supervisor
+
+    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    environ = dict(os.environ)
+    if demo and not flags.get("app") and "RESQUE_STARTER_APP" not in environ:
+        flags["app"] = DEMO_APP
+    try:
+        settings = config.load(flags, environ)
+    except ConfigError as exc:
+        print(f"resque-starter: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup(settings.log_level, settings.log_format)
+    if demo:
+        from resque_starter.demo import producer
+
+        producer.start_in_background(settings)
+    return Supervisor(settings, flags, environ).run()
+
+
+def ctl(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir or os.environ.get("RESQUE_STARTER_RUN_DIR") or config.Settings.run_dir
+    command = args.ctl_command
+    try:
+        if command == "status":
+            status = control.request(run_dir, {"cmd": "status"})["status"]
+            print(json.dumps(status, indent=2) if args.json else control.format_status(status))
+            return 0
+        if command == "drain":
+            return 0 if control.drain(run_dir, args.timeout, print) else 1
+        if command == "health":
+            reply = control.request(run_dir, {"cmd": "health", "check": args.check}, timeout=2.0)
+            print(json.dumps({k: v for k, v in reply.items() if k != "ok"}))
+            return 0 if reply.get("ok") else 1
+        message: dict[str, object] = {"cmd": command}
+        if command == "scale":
+            *group, n = args.target
+            message.update(n=n, group=group[0] if group else None)
+        elif command == "stop":
+            message["quick"] = args.quick
+        reply = control.request(run_dir, message)
+    except control.ControlError as exc:
+        print(f"resque-starter ctl: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"resque-starter ctl {command}: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if command == "scale":
+        print(f"group {reply['group']}: {reply['size']} worker(s)")
+    return 0

@@ -1,0 +1,313 @@
+"""The control socket: how `resque-starter ctl` reaches the supervisor, whoever is PID 1.
+
+A Unix stream socket in RUN_DIR, mode 0600. One JSON request line, one JSON reply line, then the
+server closes. The server side runs inside the supervisor's event loop (non-blocking, bounded), and a
+command only changes desired state, exactly like the matching signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import pwd
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from resque_starter import protocol
+from resque_starter.config import ConfigError
+
+if TYPE_CHECKING:
+    from resque_starter.supervisor import Supervisor
+
+log = logging.getLogger("resque_starter.control")
+
+SOCKET_NAME = "control.sock"
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def socket_path(run_dir: str) -> str:
+    return os.path.join(run_dir, SOCKET_NAME)
+
+
+class ControlServer:
+    def __init__(self, run_dir: str, selector: selectors.BaseSelector, handler: Handler) -> None:
+        self.path = socket_path(run_dir)
+        self._selector = selector
+        self._handler = handler
+        self._clients: dict[socket.socket, protocol.LineBuffer] = {}
+        _remove_stale(self.path, run_dir)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            self.sock.bind(self.path)
+        except OSError as exc:
+            allowed = f"a writable directory ({exc.strerror})"
+            raise ConfigError("RESQUE_STARTER_RUN_DIR", run_dir, allowed) from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+
+    def _accept(self, sock: socket.socket) -> None:
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        self._clients[conn] = protocol.LineBuffer()
+        self._selector.register(conn, selectors.EVENT_READ, self._read)
+
+    def _read(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        messages = self._clients[conn].feed(data)
+        if not messages:
+            return
+        request = messages[0]
+        if "error" in request and "cmd" not in request:
+            reply = {"ok": False, "error": f"bad request: {request['error']}"}
+        else:
+            try:
+                reply = self._handler(request)
+            except Exception as exc:  # a bad request must never take the supervisor down
+                log.exception("control request %r failed", request)
+                reply = {"ok": False, "error": f"internal error: {exc}"}
+        conn.settimeout(1.0)
+        with contextlib.suppress(OSError):
+            conn.sendall(protocol.encode(reply))
+        self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self._selector.unregister(conn)
+        del self._clients[conn]
+        conn.close()
+
+    def close_in_child(self) -> None:
+        self.sock.close()
+        for conn in self._clients:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in list(self._clients):
+            self._drop(conn)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(self.sock)
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def _remove_stale(path: str, run_dir: str) -> None:
+    """A socket nobody answers on is a dead supervisor's: replace it; a live one is an error."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    allowed = f"a run dir no other running supervisor uses ({path} answers)"
+    raise ConfigError("RESQUE_STARTER_RUN_DIR", run_dir, allowed)
+
+
+# --------------------------------------------------------------------------- server-side commands
+
+
+def dispatch(sup: Supervisor, request: dict[str, Any]) -> dict[str, Any]:
+    cmd = request.get("cmd")
+    if cmd == "status":
+        return {"ok": True, "status": sup.status()}
+    if cmd == "health":
+        return health(sup, str(request.get("check", "live")))
+    if cmd == "scale":
+        return scale(sup, request.get("n"), request.get("group"))
+    if cmd == "pause":
+        sup.paused = True
+    elif cmd == "resume":
+        sup.paused = False
+    elif cmd == "reload":
+        sup.request_reload()
+        if sup.reload_error:
+            return {"ok": False, "error": sup.reload_error}
+    elif cmd == "stop":
+        sup.request_stop(1 if request.get("quick") else 0)
+    elif cmd == "kill-jobs":
+        sup.kill_jobs()
+    else:
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+    return {"ok": True}
+
+
+def scale(sup: Supervisor, n: object, group: object) -> dict[str, Any]:
+    names = [g.name for g in sup.settings.groups]
+    if group is None:
+        index = 0
+    elif isinstance(group, str) and group in names:
+        index = names.index(group)
+    else:
+        return {"ok": False, "error": f"unknown group {group!r}; groups: {'; '.join(names)}"}
+    text = str(n).strip()
+    try:
+        value = int(text)
+    except ValueError:
+        return {"ok": False, "error": f"scale takes N, +N or -N, not {n!r}"}
+    size = sup.sizes[index] + value if text[:1] in "+-" else value
+    if size < 0:
+        return {"ok": False, "error": f"scale {text} would make {size} workers; the least is 0"}
+    if sup.stop_level is not None:
+        return {"ok": False, "error": "the supervisor is stopping"}
+    sup.scale(index, size)
+    return {"ok": True, "group": names[index], "size": size}
+
+
+def health(sup: Supervisor, check: str) -> dict[str, Any]:
+    """live: the loop answers and a mold serves; ready: a worker is registered and Redis answers."""
+    live = any(m.ready for m in sup.molds.values()) or sup.serving_generation > 0
+    if check == "live":
+        return {"ok": live, "live": live}
+    ready_workers = sum(1 for w in sup.workers.values() if w.ready and w.stop_level is None)
+    redis_ok = sup.redis_answers()
+    ok = live and ready_workers > 0 and redis_ok and sup.stop_level is None
+    return {"ok": ok, "live": live, "ready_workers": ready_workers, "redis": redis_ok}
+
+
+# --------------------------------------------------------------------------- client side
+
+
+class ControlError(Exception):
+    """Why ctl could not talk to the supervisor, in words a person can act on."""
+
+
+def request(run_dir: str, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    path = socket_path(run_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        protocol.send(sock, message)
+        reply = protocol.LineBuffer().recv(sock)
+    except FileNotFoundError:
+        raise ControlError(
+            f"no supervisor is running here: no control socket at {path} (RESQUE_STARTER_RUN_DIR={run_dir})"
+        ) from None
+    except PermissionError:
+        owner = _owner(path)
+        raise ControlError(
+            f"permission denied on {path}: it belongs to {owner}; run ctl as that user"
+        ) from None
+    except ConnectionRefusedError:
+        raise ControlError(
+            f"no supervisor answers on {path} (the stale socket of a dead supervisor)"
+        ) from None
+    except TimeoutError:
+        raise ControlError(f"the supervisor did not answer on {path} within {timeout:.0f}s") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            raise ControlError(f"{run_dir} is not a directory (RESQUE_STARTER_RUN_DIR)") from None
+        raise ControlError(f"cannot reach the supervisor on {path}: {exc.strerror}") from None
+    finally:
+        sock.close()
+    if reply is None:
+        raise ControlError(f"the supervisor closed {path} without answering")
+    return reply
+
+
+def _owner(path: str) -> str:
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return "another user"
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The readable table of `ctl status`."""
+    flags = ("PAUSED  " if status["paused"] else "") + (
+        f"STOPPING ({status['stopping']})  " if status["stopping"] else ""
+    )
+    lines = [
+        f"supervisor pid {status['pid']}  up {_age(status['uptime'])}  generation {status['generation']}  "
+        f"{flags}redis {status['redis_url']}  app {','.join(status['app']) or '-'}",
+        "groups: " + "; ".join(f"{g['name']}={g['size']}" for g in status["groups"]),
+    ]
+    if status.get("reload_error"):
+        lines.append(f"last reload failed: {status['reload_error']}")
+    for m in status["molds"]:
+        lines.append(f"mold gen={m['generation']} pid {m['pid']} {'ready' if m['ready'] else 'starting'}")
+    header = ("GROUP", "SLOT", "PID", "GEN", "STATE", "JOB", "FUNC", "AGE", "DONE", "FAIL", "USS", "PSS")
+    rows = [header]
+    for w in status["workers"]:
+        rows.append(
+            (
+                w["group"],
+                str(w["slot"]),
+                str(w["pid"] or "-"),
+                str(w["generation"]),
+                w["state"],
+                (w["job_id"] or "-")[:12],
+                w["job_func"] or "-",
+                _age(w["job_age"]) if w["job_age"] is not None else "-",
+                str(w["jobs_done"]),
+                str(w["jobs_failed"]),
+                _size(w["uss"]),
+                _size(w["pss"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 2**20:.1f}M"
+
+
+def drain(run_dir: str, timeout: float, out: Callable[[str], None]) -> bool:
+    """Pause intake, then block until no job runs or the timeout passes; True when drained."""
+    request(run_dir, {"cmd": "pause"})
+    deadline = time.monotonic() + timeout
+    reported: set[str] = set()
+    while True:
+        status = request(run_dir, {"cmd": "status"})["status"]
+        busy = [w for w in status["workers"] if w["state"] == "busy"]
+        if not busy:
+            out("drained: no job is running")
+            return True
+        for w in busy:
+            if w["job_id"] not in reported:
+                reported.add(w["job_id"])
+                out(f"waiting for job {w['job_id']} ({w['job_func']}) on worker pid {w['pid']}")
+        if time.monotonic() >= deadline:
+            out(f"timed out after {timeout:g}s with {len(busy)} job(s) still running")
+            return False
+        time.sleep(0.2)

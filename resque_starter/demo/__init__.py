@@ -1,0 +1,1 @@
+"""The example app of `resque-starter demo` and of `docker run IMAGE`."""

@@ -1,0 +1,214 @@
+"""The mold: one per generation, the only process that imports the application.
+
+It is forked from the supervisor, imports RESQUE_STARTER_APP, runs the before_fork and warmup hooks,
+then `gc.collect(); gc.freeze()` so the objects it built stay on shared pages in every worker. It then
+serves fork requests from the supervisor. Each fork is a double fork: the intermediate child exits at
+once, so the worker (or recovery child) is adopted by the supervisor, the subreaper or PID 1, which
+reaps it and owns its slot. Pitchfork's monitor/mold split is the model.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import NoReturn
+
+from setproctitle import setproctitle
+
+from resque_starter import logs, protocol
+from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings
+from resque_starter.protocol import WorkerSpec
+
+log = logging.getLogger("resque_starter.mold")
+
+# The supervisor orchestrates every stop; a terminal's Ctrl-C or Ctrl-\ must not take the mold down.
+_IGNORED = (
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGWINCH,
+)
+
+
+def run_mold(settings: Settings, generation: int, sock: socket.socket) -> NoReturn:
+    """Import the app, freeze the heap, then fork workers on request until the supervisor hangs up."""
+    code = 1
+    try:
+        logs.set_role(f"mold gen={generation}")
+        setproctitle(f"resque-starter: mold gen={generation} app={','.join(settings.app) or '-'}")
+        for sig in _IGNORED:
+            signal.signal(sig, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGCONT):
+            signal.signal(sig, signal.SIG_DFL)
+        error = _preload(settings)
+        if error is not None:
+            code, message = error
+            protocol.send(sock, {"op": "error", "code": code, "message": message})
+        else:
+            protocol.send(sock, {"op": "ready", "pid": os.getpid()})
+            _serve(settings, sock)
+            code = 0
+    except BaseException:  # the mold must always end with os._exit, never unwind into the supervisor
+        log.exception("mold gen=%d failed", generation)
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _preload(settings: Settings) -> tuple[int, str] | None:
+    """Import the app and the configured classes, run the mold's hooks; (exit code, one line) on failure."""
+    for module in settings.app:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module.startswith(exc.name) and _is_prefix(exc.name, module):
+                return EXIT_CONFIG, (
+                    f"RESQUE_STARTER_APP={module!r} is not allowed: no module named {exc.name!r} "
+                    f"on sys.path (an importable dotted module is required)"
+                )
+            return _app_failure(f"importing {module}")
+        except BaseException:
+            return _app_failure(f"importing {module}")
+    for variable, path in (
+        ("RESQUE_STARTER_WORKER_CLASS", settings.worker_class),
+        ("RESQUE_STARTER_JOB_CLASS", settings.job_class),
+        ("RESQUE_STARTER_QUEUE_CLASS", settings.queue_class),
+        ("RESQUE_STARTER_SERIALIZER", settings.serializer),
+    ):
+        if path is not None:
+            try:
+                import_object(path)
+            except Exception as exc:
+                return EXIT_CONFIG, f"{variable}={path!r} is not allowed: cannot import it ({exc})"
+    for name in ("before_fork", "warmup"):
+        hook: Callable[[Settings], object] | None = getattr(settings.hooks, name)
+        if hook is not None:
+            try:
+                hook(settings)
+            except BaseException:
+                return _app_failure(f"the {name} hook")
+    gc.collect()
+    gc.freeze()
+    return None
+
+
+def _is_prefix(name: str, module: str) -> bool:
+    return module == name or module.startswith(name + ".")
+
+
+def _app_failure(what: str) -> tuple[int, str]:
+    """Log the traceback once, here; the supervisor exits 3 without a respawn loop."""
+    log.error("application failed in %s:\n%s", what, traceback.format_exc().rstrip())
+    kind, value = sys.exc_info()[:2]
+    return EXIT_APP_IMPORT, f"application failed in {what}: {kind.__name__ if kind else '?'}: {value}"
+
+
+def import_object(path: str) -> object:
+    """Resolve `package.module.Name` (or a module path) to the object it names."""
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not _is_prefix(exc.name, path):
+            raise
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ImportError(f"{path!r} is not a dotted path")
+    obj = getattr(importlib.import_module(module), name, None)
+    if obj is None:
+        raise ImportError(f"module {module!r} has no attribute {name!r}")
+    return obj
+
+
+def _serve(settings: Settings, sock: socket.socket) -> None:
+    """Answer fork requests in order; each passed file descriptor belongs to the next spawn request."""
+    buffer = protocol.LineBuffer()
+    fds: deque[int] = deque()
+    messages: deque[dict[str, object]] = deque()
+    while True:
+        while not messages:
+            data, new_fds, _flags, _addr = socket.recv_fds(sock, 65536, 16)
+            if not data:
+                return
+            fds.extend(new_fds)
+            messages.extend(buffer.feed(data))
+        message = messages.popleft()
+        op = message.get("op")
+        if op == "exit":
+            return
+        if op == "spawn":
+            spec = WorkerSpec(**message["spec"])  # type: ignore[arg-type]
+            status_fd = fds.popleft()
+            pid = _double_fork(sock, partial(_worker_main, settings, spec, status_fd), close=[status_fd])
+            protocol.send(sock, {"op": "forked", "token": spec.name, "pid": pid})
+        elif op == "recover":
+            pid = _double_fork(sock, partial(_recovery_main, settings, message))
+            protocol.send(sock, {"op": "forked", "token": message["token"], "pid": pid})
+        else:
+            log.warning("mold ignores unknown request %r", message)
+
+
+def _double_fork(sock: socket.socket, target: Callable[[], None], close: list[int] | None = None) -> int:
+    """Run target in a grandchild whose parent exits at once; return the grandchild's pid."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read_end)
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.close(write_end)
+                sock.close()
+                target()
+                os._exit(0)
+            os.write(write_end, str(grandchild).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    for fd in close or ():
+        os.close(fd)
+    data = os.read(read_end, 32)
+    os.close(read_end)
+    os.waitpid(child, 0)
+    return int(data)
+
+
+def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int) -> None:
+    from resque_starter.worker import run_worker
+
+    run_worker(settings, spec, socket.socket(fileno=status_fd))
+
+
+def _recovery_main(settings: Settings, request: dict[str, object]) -> None:
+    """Put a dead worker's claimed and started jobs back (or fail them) with the app's own classes."""
+    from redis import Redis
+
+    from resque_starter.recovery import recover_worker
+
+    logs.set_role("recovery")
+    setproctitle(f"resque-starter: recovery {request['worker']}")
+    assert settings.redis_url is not None
+    connection = Redis.from_url(settings.redis_url, socket_timeout=30)
+    result = recover_worker(
+        connection,
+        str(request["worker"]),
+        list(request["queues"]),  # type: ignore[call-overload]
+        requeue=bool(request["requeue"]),
+        max_requeues=settings.max_requeues,
+        reason=str(request["reason"]),
+        job_class=settings.job_class,
+        serializer=settings.serializer,
+    )
+    log.info("recovered worker %s: %s", request["worker"], result)

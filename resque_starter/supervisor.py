@@ -1,0 +1,815 @@
+"""The supervisor: PID 1, the one arbiter, a reconciliation loop.
+
+A signal handler only queues its signal and wakes the loop (set_wakeup_fd). Each signal or control
+command only changes the *desired* state: slot counts, generation, paused, stopping + deadline.
+One `reconcile()` step then reaps every child and converges the process table toward that state,
+so scaling, reload, drain and crash recovery need no special paths of their own. The supervisor
+never imports the application: a fork of it is a clean interpreter that becomes the next mold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import logging
+import os
+import random
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from setproctitle import setproctitle
+
+from resque_starter import config, control, embedded_redis, procmem, protocol
+from resque_starter.config import (
+    EXIT_APP_IMPORT,
+    EXIT_CONFIG,
+    EXIT_CRASH_LOOP,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ConfigError,
+    Settings,
+)
+from resque_starter.protocol import LineBuffer, WorkerSpec
+
+log = logging.getLogger("resque_starter.supervisor")
+
+PR_SET_CHILD_SUBREAPER = 36
+MIN_UPTIME = 5.0  # a worker that dies sooner than this, uncommanded, counts as a crash
+CRASH_LIMIT = 5  # consecutive crashes of one slot before giving up (exit 4)
+BACKOFF_BASE, BACKOFF_MAX = 0.5, 10.0
+QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
+GRACEFUL, QUICK, KILL = 0, 1, 2
+STOP_NAMES = ("graceful", "quick", "kill")
+STOP_SIGNALS = {GRACEFUL: signal.SIGTERM, QUICK: signal.SIGINT, KILL: signal.SIGKILL}
+HANDLED = (
+    signal.SIGTERM,
+    signal.SIGQUIT,
+    signal.SIGINT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCONT,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+)
+
+
+@dataclass
+class Mold:
+    generation: int
+    pid: int
+    sock: socket.socket
+    settings: Settings
+    buffer: LineBuffer = field(default_factory=LineBuffer)
+    ready: bool = False
+    failed: bool = False
+
+
+@dataclass
+class Worker:
+    """One row of the process table: a worker process and what it last told us about itself."""
+
+    spec: WorkerSpec
+    status: socket.socket
+    queues: tuple[str, ...]
+    pid: int | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    buffer: LineBuffer = field(default_factory=LineBuffer)
+    state: str = "starting"
+    ready: bool = False
+    job: dict[str, Any] | None = None
+    done: int = 0
+    failed: int = 0
+    stop_level: int | None = None
+    stop_reason: str = ""
+    paused: bool = False
+    listening: bool = True
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.spec.group, self.spec.slot)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_level is not None
+
+
+@dataclass
+class Recovery:
+    worker: str
+    queues: tuple[str, ...]
+    requeue: bool
+    reason: str
+    after_pid: int | None = None  # an orphaned horse that must be reaped first
+    pid: int | None = None
+    sent: bool = False
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, flags: dict[str, str | None], environ: dict[str, str]) -> None:
+        self.settings = settings
+        self._flags = flags
+        self._environ = environ
+        self.started = time.time()
+        # desired state
+        self.sizes = [g.size for g in settings.groups]
+        self.generation = 1
+        self.paused = False
+        self.stop_level: int | None = None
+        self.stop_deadline: float | None = None
+        # actual state
+        self.molds: dict[int, Mold] = {}
+        self.workers: dict[str, Worker] = {}
+        self.recoveries: dict[str, Recovery] = {}
+        self.backoff: dict[tuple[int, int], tuple[int, float]] = {}
+        self.early_exits: dict[int, int] = {}
+        self.serving_generation = 0
+        self.reload_error: str | None = None
+        self.interrupted = False
+        self.exit_code: int | None = None
+        self._pending_exit: int | None = None
+        self._generations = 1
+        self.restarts = 0
+        self.reloads = 0
+        self._seq = 0
+        self._signals: list[int] = []
+        self._selector = selectors.DefaultSelector()
+        self._redis: embedded_redis.EmbeddedRedis | None = None
+        self._control: control.ControlServer | None = None
+        self._ping: Any = None
+        self._name_prefix = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(2).hex()}"
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def run(self) -> int:
+        """Start, loop until the desired state is 'stopped' and reached, clean up; the exit code."""
+        try:
+            self._start()
+            while self.exit_code is None:
+                self._wait(self._next_timeout())
+                self._handle_signals()
+                self.reconcile()
+        except ConfigError as exc:
+            log.error("%s", exc)
+            self._abort_children()
+            self.exit_code = EXIT_CONFIG
+        finally:
+            self._cleanup()
+        return self.exit_code if self.exit_code is not None else EXIT_INTERRUPTED
+
+    def _start(self) -> None:
+        setproctitle(self._title())
+        if os.getpid() != 1:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_CHILD_SUBREAPER) failed: errno %d", ctypes.get_errno())
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_read, self._wake_write = read_end, write_end
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        for sig in HANDLED:
+            signal.signal(sig, self._on_signal)
+        self._selector.register(read_end, selectors.EVENT_READ, self._drain_wakeup)
+        os.makedirs(self.settings.run_dir, mode=0o700, exist_ok=True)
+        self._write_pid_file()
+        if self.settings.redis_url is None:
+            self._redis = embedded_redis.start(self.settings.run_dir)
+            log.warning(
+                "REDIS_URL is not set: started an embedded redis-server at %s; nothing is shared with other "
+                "hosts and nothing is kept after exit (set REDIS_URL, or RESQUE_STARTER_REQUIRE_REDIS_URL=1 "
+                "to make this an error)",
+                self._redis.url,
+            )
+            self.settings = dataclasses.replace(self.settings, redis_url=self._redis.url)
+        self._control = control.ControlServer(self.settings.run_dir, self._selector, self.handle_command)
+        log.info(
+            "supervisor pid %d: %d worker(s) on %s, app=%s, redis=%s",
+            os.getpid(),
+            sum(self.sizes),
+            "; ".join(g.name for g in self.settings.groups),
+            ",".join(self.settings.app) or "-",
+            config.mask_url(self.settings.redis_url or ""),
+        )
+
+    def _cleanup(self) -> None:
+        for mold in list(self.molds.values()):
+            self._stop_mold(mold)
+        if self._redis is not None:
+            self._redis.stop()
+        # anything left (molds, embedded redis) is reaped so nothing becomes a zombie of our parent
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.02)
+        if self._control is not None:
+            self._control.close()
+        hook = self.settings.hooks.before_exit
+        if hook is not None:
+            try:
+                hook(self.settings)
+            except Exception:
+                log.exception("before_exit hook raised")
+        self._remove_pid_file()
+        log.info("supervisor exiting with code %s", self.exit_code)
+
+    def _abort_children(self) -> None:
+        for w in self.workers.values():
+            if w.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+
+    # ----------------------------------------------------------------- event loop
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def _drain_wakeup(self, fd: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(fd, 4096):
+                pass
+
+    def _wait(self, timeout: float | None) -> None:
+        for key, _ in self._selector.select(timeout):
+            callback: Callable[[Any], None] = key.data
+            callback(key.fileobj)
+
+    def _next_timeout(self) -> float | None:
+        """Sleep until the next deadline (backoff, drain, stop escalation); forever when idle."""
+        now = time.monotonic()
+        deadlines = [until for _, until in self.backoff.values() if until > now]
+        if self.stop_deadline is not None:
+            deadlines.append(self.stop_deadline)
+        if self._signals:
+            return 0
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
+    # ----------------------------------------------------------------- desired state: signals
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGCHLD:
+                continue
+            log.info("received %s", signal.Signals(signum).name)
+            if signum == signal.SIGTERM:
+                self.request_stop(GRACEFUL if self.settings.term == "graceful" else QUICK)
+            elif signum == signal.SIGQUIT:
+                self.request_stop(GRACEFUL)
+            elif signum == signal.SIGINT:
+                self.request_stop(QUICK)
+            elif signum == signal.SIGUSR1:
+                self.kill_jobs()
+            elif signum == signal.SIGUSR2:
+                self.paused = True
+            elif signum == signal.SIGCONT:
+                self.paused = False
+            elif signum == signal.SIGTTIN:
+                self.scale(0, self.sizes[0] + 1)
+            elif signum == signal.SIGTTOU:
+                self.scale(0, self.sizes[0] - 1)
+            elif signum == signal.SIGHUP:
+                self.request_reload()
+
+    def request_stop(self, level: int) -> None:
+        """Graceful drain, quick stop, or kill; a repeated request escalates one level."""
+        if self.stop_level is not None:
+            level = min(KILL, max(level, self.stop_level + 1))
+        if self.stop_level is not None and level <= self.stop_level:
+            return
+        if level > GRACEFUL and any(w.state == "busy" for w in self.workers.values()):
+            self.interrupted = True
+        self.stop_level = level
+        timeout = self.settings.drain_timeout if level == GRACEFUL else QUICK_GRACE
+        self.stop_deadline = time.monotonic() + timeout
+        log.info("stopping: %s (deadline in %.1fs)", STOP_NAMES[level], timeout)
+
+    def scale(self, group: int, size: int) -> None:
+        if self.stop_level is not None:
+            log.warning("scale ignored: stopping")
+            return
+        self.sizes[group] = max(0, size)
+        log.info("group %s: %d worker(s)", self.settings.groups[group].name, self.sizes[group])
+
+    def kill_jobs(self) -> None:
+        """USR1: every worker kills its running job; workers go on."""
+        for w in self.workers.values():
+            self._signal(w, signal.SIGUSR1)
+
+    def request_reload(self) -> None:
+        """HUP: re-read the configuration and start a new generation; the loop swaps workers over."""
+        if self.stop_level is not None:
+            log.warning("reload ignored: stopping")
+            return
+        try:
+            new = config.load(self._flags, self._environ)
+        except ConfigError as exc:
+            self.reload_error = str(exc)
+            log.error("reload refused, the running generation keeps serving: %s", exc)
+            return
+        if new.redis_url is None:
+            new = dataclasses.replace(new, redis_url=self.settings.redis_url)
+        if [g.queues for g in new.groups] != [g.queues for g in self.settings.groups]:
+            self.sizes = [g.size for g in new.groups]
+        self.settings = new
+        self._generations += 1
+        self.generation = self._generations
+        self.reloads += 1
+        self.reload_error = None
+        log.info("reload: starting generation %d", self.generation)
+
+    # ----------------------------------------------------------------- reconcile
+
+    def reconcile(self) -> None:
+        """Reap, then converge the process table toward the desired state."""
+        self._reap()
+        if self.exit_code is not None:
+            return
+        self._converge_molds()
+        if self.exit_code is not None:
+            return
+        if self.stop_level is None:
+            self._converge_slots()
+        else:
+            self._converge_stop()
+        self._converge_pause()
+        self._converge_recoveries()
+        setproctitle(self._title())
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._on_exit(pid, status)
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        for mold in list(self.molds.values()):
+            if mold.pid == pid:
+                self._on_mold_exit(mold, status)
+                return
+        for w in list(self.workers.values()):
+            if w.pid == pid:
+                self._on_worker_exit(w, status)
+                return
+        for r in self.recoveries.values():
+            if r.after_pid == pid:
+                r.after_pid = None
+                return
+            if r.pid == pid:
+                del self.recoveries[r.worker]
+                if status != 0:
+                    log.error("recovery of %s failed (%s)", r.worker, describe_status(status))
+                return
+        if self._redis is not None and pid == self._redis.pid:
+            log.error("embedded redis-server exited (%s); restarting it", describe_status(status))
+            self._redis.restart()
+            return
+        # a worker or recovery child may die before the mold has told us its pid; or an adopted orphan
+        self.early_exits[pid] = status
+        if len(self.early_exits) > 1024:
+            self.early_exits.pop(next(iter(self.early_exits)))
+        log.debug("reaped pid %d (%s)", pid, describe_status(status))
+
+    def _on_worker_exit(self, w: Worker, status: int) -> None:
+        del self.workers[w.spec.name]
+        if w.listening:
+            self._selector.unregister(w.status)
+        w.status.close()
+        uptime = time.monotonic() - w.started_at
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        log_fn = log.info if clean or w.stop_level is not None else log.warning
+        log_fn(
+            "worker[%s] pid %s gen %d exited (%s) after %.1fs",
+            self._slot_label(w),
+            w.pid,
+            w.spec.generation,
+            describe_status(status),
+            uptime,
+        )
+        if not clean:
+            self._recover(w, status)
+        if w.stop_level is not None or self.stop_level is not None:
+            return
+        self.restarts += 1
+        count = self.backoff.get(w.key, (0, 0.0))[0]
+        if clean or uptime >= MIN_UPTIME:
+            self.backoff.pop(w.key, None)
+            return
+        count += 1
+        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (count - 1)) * random.uniform(0.8, 1.2)
+        self.backoff[w.key] = (count, time.monotonic() + delay)
+        if count >= CRASH_LIMIT:
+            self._on_crash_loop(w)
+        else:
+            log.warning(
+                "worker[%s] crashed within %.0fs of start; respawning in %.1fs",
+                self._slot_label(w),
+                MIN_UPTIME,
+                delay,
+            )
+
+    def _on_crash_loop(self, w: Worker) -> None:
+        if w.spec.generation == self.generation and self.serving_generation not in (0, self.generation):
+            self.reload_error = f"generation {self.generation}: workers crash at start; reload abandoned"
+            log.error("%s; generation %d keeps serving", self.reload_error, self.serving_generation)
+            self.generation = self.serving_generation
+            self.backoff.clear()
+            return
+        log.error(
+            "crash loop: worker[%s] died within %.0fs of start %d times in a row; giving up",
+            self._slot_label(w),
+            MIN_UPTIME,
+            CRASH_LIMIT,
+        )
+        self.request_stop(QUICK)
+        self._pending_exit = EXIT_CRASH_LOOP
+
+    def _recover(self, w: Worker, status: int) -> None:
+        """A worker died without cleaning up: kill its orphaned horse, then fix its jobs in Redis."""
+        shutdown = w.stop_level == KILL or (self.stop_level is not None and self.stop_level >= QUICK)
+        if w.state == "busy":
+            self.interrupted = self.interrupted or shutdown
+        horse = (w.job or {}).get("horse")
+        after_pid = None
+        if isinstance(horse, int) and self.early_exits.pop(horse, None) is None:
+            # still unreaped, so the pid is still the horse's: kill it before touching its job
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(horse, signal.SIGKILL)
+                after_pid = horse
+        reason = (
+            f"interrupted by shutdown: worker pid {w.pid} ({w.spec.name}) was killed"
+            if shutdown
+            else f"worker pid {w.pid} ({w.spec.name}) died ({describe_status(status)}) while running this job"
+        )
+        self.recoveries[w.spec.name] = Recovery(w.spec.name, w.queues, shutdown, reason, after_pid)
+
+    def _converge_molds(self) -> None:
+        needed = self.stop_level is None or (self.recoveries and not self.molds)
+        if self.generation not in self.molds and needed:
+            self._start_mold(self.generation)
+        for gen, mold in list(self.molds.items()):
+            if gen != self.generation and not any(w.spec.generation == gen for w in self.workers.values()):
+                self._stop_mold(mold)
+
+    def _converge_slots(self) -> None:
+        mold = self.molds.get(self.generation)
+        now = time.monotonic()
+        limit = sum(self.sizes) + self.settings.reload_surge
+        for w in list(self.workers.values()):
+            if not w.stopping and (
+                w.spec.group >= len(self.sizes) or w.spec.slot >= self.sizes[w.spec.group]
+            ):
+                self._stop_worker(w, GRACEFUL, "scale down")
+        if mold is None or not mold.ready:
+            return
+        for group, size in enumerate(self.sizes):
+            for slot in range(size):
+                occupants = [w for w in self.workers.values() if w.key == (group, slot) and not w.stopping]
+                current = [w for w in occupants if w.spec.generation == self.generation]
+                old = [w for w in occupants if w.spec.generation != self.generation]
+                if current:
+                    if current[0].ready:
+                        for w in old:
+                            self._stop_worker(w, GRACEFUL, f"replaced by generation {self.generation}")
+                    continue
+                if self.backoff.get((group, slot), (0, 0.0))[1] > now:
+                    continue
+                if old and len(self.workers) >= limit:
+                    continue
+                self._spawn(mold, group, slot)
+        if all(w.ready and w.spec.generation == self.generation for w in self.workers.values()):
+            if self.serving_generation != self.generation and self.workers:
+                log.info("generation %d is serving", self.generation)
+            self.serving_generation = self.generation
+
+    def _converge_stop(self) -> None:
+        assert self.stop_level is not None and self.stop_deadline is not None
+        if time.monotonic() >= self.stop_deadline and self.stop_level < KILL and self.workers:
+            log.warning("stop deadline passed with %d worker(s) left; escalating", len(self.workers))
+            self.request_stop(self.stop_level + 1)
+        for w in self.workers.values():
+            if w.stop_level is None or w.stop_level < self.stop_level:
+                self._stop_worker(w, self.stop_level, "shutdown")
+        if not self.workers and not self.recoveries:
+            self.exit_code = self._pending_exit or (EXIT_INTERRUPTED if self.interrupted else EXIT_OK)
+
+    def _converge_pause(self) -> None:
+        for w in self.workers.values():
+            if w.pid is not None and w.paused != self.paused and not w.stopping:
+                w.paused = self.paused
+                self._signal(w, signal.SIGUSR2 if self.paused else signal.SIGCONT)
+
+    def _converge_recoveries(self) -> None:
+        mold = self.molds.get(self.generation)
+        if mold is None or not mold.ready:
+            mold = next((m for m in self.molds.values() if m.ready), None)
+        if mold is None:
+            return
+        for r in self.recoveries.values():
+            if not r.sent and r.after_pid is None:
+                r.sent = True
+                request = {
+                    "op": "recover",
+                    "token": f"recover:{r.worker}",
+                    "worker": r.worker,
+                    "queues": list(r.queues),
+                    "requeue": r.requeue,
+                    "reason": r.reason,
+                }
+                self._send_mold(mold, request)
+
+    # ----------------------------------------------------------------- actions on the process table
+
+    def _start_mold(self, generation: int) -> None:
+        from resque_starter.mold import run_mold
+
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        settings = self.settings
+        pid = os.fork()
+        if pid == 0:
+            parent_sock.close()
+            self._close_in_child()
+            run_mold(settings, generation, child_sock)
+        child_sock.close()
+        mold = Mold(generation, pid, parent_sock, settings)
+        self.molds[generation] = mold
+        self._selector.register(parent_sock, selectors.EVENT_READ, lambda s: self._on_mold_message(mold))
+        log.info("mold gen=%d pid %d: importing %s", generation, pid, ",".join(settings.app) or "nothing")
+
+    def _close_in_child(self) -> None:
+        """A fresh fork must not hold the supervisor's sockets, pipes or signal routing."""
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED:
+            signal.signal(sig, signal.SIG_DFL)
+        self._selector.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        if self._control is not None:
+            self._control.close_in_child()
+        for m in self.molds.values():
+            m.sock.close()
+        for w in self.workers.values():
+            w.status.close()
+
+    def _stop_mold(self, mold: Mold) -> None:
+        del self.molds[mold.generation]
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(mold.sock)
+        with contextlib.suppress(OSError):
+            protocol.send(mold.sock, {"op": "exit"})
+        mold.sock.close()
+
+    def _on_mold_message(self, mold: Mold) -> None:
+        try:
+            data = mold.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._selector.unregister(mold.sock)
+            return
+        for message in mold.buffer.feed(data):
+            op = message.get("op")
+            if op == "ready":
+                mold.ready = True
+                log.info("mold gen=%d ready (app imported, heap frozen)", mold.generation)
+            elif op == "error":
+                code = int(message.get("code", EXIT_APP_IMPORT))
+                self._on_mold_error(mold, code, str(message.get("message")))
+            elif op == "forked":
+                self._on_forked(str(message["token"]), int(message["pid"]))
+
+    def _on_mold_error(self, mold: Mold, code: int, message: str) -> None:
+        mold.failed = True
+        if self.serving_generation == 0:
+            log.error("%s", message)
+            self.exit_code = code if code in (EXIT_CONFIG, EXIT_APP_IMPORT) else EXIT_APP_IMPORT
+            return
+        self.reload_error = f"generation {mold.generation}: {message}"
+        log.error("reload failed, generation %d keeps serving: %s", self.serving_generation, message)
+        self.generation = self.serving_generation
+
+    def _on_mold_exit(self, mold: Mold, status: int) -> None:
+        if self.molds.get(mold.generation) is mold:
+            del self.molds[mold.generation]
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(mold.sock)
+            mold.sock.close()
+            if not mold.ready and not mold.failed:
+                how = describe_status(status)
+                self._on_mold_error(mold, EXIT_APP_IMPORT, f"the mold exited before it was ready ({how})")
+            elif self.exit_code is None:
+                log.warning(
+                    "mold gen=%d exited (%s); starting another", mold.generation, describe_status(status)
+                )
+
+    def _on_forked(self, token: str, pid: int) -> None:
+        w = self.workers.get(token)
+        if w is not None:
+            w.pid = pid
+        elif token.startswith("recover:") and token[8:] in self.recoveries:
+            self.recoveries[token[8:]].pid = pid
+        status = self.early_exits.pop(pid, None)
+        if status is not None:
+            self._on_exit(pid, status)
+
+    def _spawn(self, mold: Mold, group: int, slot: int) -> None:
+        self._seq += 1
+        spec = WorkerSpec(
+            group=group,
+            slot=slot,
+            generation=mold.generation,
+            name=f"{self._name_prefix}.{self._seq}",
+            paused=self.paused,
+            scheduler=self.settings.with_scheduler and group == 0 and slot == 0,
+        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        w = Worker(spec, ours, mold.settings.groups[group].queues, paused=self.paused)
+        self.workers[spec.name] = w
+        self._selector.register(ours, selectors.EVENT_READ, lambda s: self._on_worker_message(w))
+        self._send_mold(mold, {"op": "spawn", "spec": spec.to_dict()}, [theirs.fileno()])
+        theirs.close()
+
+    def _send_mold(self, mold: Mold, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        try:
+            protocol.send(mold.sock, message, fds)
+        except OSError as exc:
+            log.error("mold gen=%d unreachable: %s", mold.generation, exc)
+
+    def _on_worker_message(self, w: Worker) -> None:
+        try:
+            data = w.status.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._selector.unregister(w.status)  # the worker is gone or going; reaping tells how
+            w.listening = False
+            return
+        for message in w.buffer.feed(data):
+            event = message.get("event")
+            if event == "ready":
+                w.ready = True
+                w.state = "paused" if w.paused else "idle"
+                if w.pid is None:
+                    w.pid = int(message.get("pid", 0)) or None
+            elif event == "busy":
+                w.state, w.job = "busy", message
+            elif event == "idle":
+                w.state, w.job = ("paused" if w.paused else "idle"), None
+                w.done, w.failed = int(message.get("done", w.done)), int(message.get("failed", w.failed))
+            elif event == "paused" and w.state != "busy":
+                w.state = "paused"
+            elif event == "resumed" and w.state == "paused":
+                w.state = "idle"
+            elif event == "recycle":
+                w.stop_reason = f"recycle: {message.get('reason')}"
+
+    def _stop_worker(self, w: Worker, level: int, reason: str) -> None:
+        w.stop_level, w.stop_reason = level, reason
+        if level == KILL:
+            horse = (w.job or {}).get("horse")
+            if isinstance(horse, int):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(horse, signal.SIGKILL)
+        self._signal(w, STOP_SIGNALS[level])
+
+    def _signal(self, w: Worker, sig: int) -> None:
+        if w.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, sig)
+
+    # ----------------------------------------------------------------- control commands
+
+    def handle_command(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One control-socket request; changes desired state only, like a signal."""
+        return control.dispatch(self, request)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        workers = []
+        for w in sorted(self.workers.values(), key=lambda w: (w.spec.group, w.spec.slot, w.spec.generation)):
+            mem = procmem.read(w.pid) if w.pid else None
+            job = w.job or {}
+            started = job.get("started")
+            workers.append(
+                {
+                    "group": self.settings.groups[w.spec.group].name
+                    if w.spec.group < len(self.settings.groups)
+                    else str(w.spec.group),
+                    "slot": w.spec.slot,
+                    "pid": w.pid,
+                    "generation": w.spec.generation,
+                    "name": w.spec.name,
+                    "state": "stopping" if w.stop_level is not None and w.state != "busy" else w.state,
+                    "ready": w.ready,
+                    "job_id": job.get("job"),
+                    "job_func": job.get("func"),
+                    "job_age": round(time.time() - float(started), 3) if started else None,
+                    "horse_pid": job.get("horse"),
+                    "jobs_done": w.done,
+                    "jobs_failed": w.failed,
+                    "uptime": round(now - w.started_at, 3),
+                    "stopping": w.stop_reason or None,
+                    "uss": mem.uss if mem else None,
+                    "pss": mem.pss if mem else None,
+                }
+            )
+        return {
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3),
+            "generation": self.generation,
+            "serving_generation": self.serving_generation,
+            "groups": [
+                {"name": g.name, "queues": list(g.queues), "size": self.sizes[i]}
+                for i, g in enumerate(self.settings.groups)
+            ],
+            "paused": self.paused,
+            "stopping": STOP_NAMES[self.stop_level] if self.stop_level is not None else None,
+            "molds": [
+                {"generation": m.generation, "pid": m.pid, "ready": m.ready} for m in self.molds.values()
+            ],
+            "workers": workers,
+            "reload_error": self.reload_error,
+            "restarts": self.restarts,
+            "reloads": self.reloads,
+            "redis_url": config.mask_url(self.settings.redis_url or ""),
+            "app": list(self.settings.app),
+        }
+
+    def redis_answers(self) -> bool:
+        """One PING with a short timeout, so a slow Redis cannot wedge the loop."""
+        import redis
+
+        if self._ping is None:
+            assert self.settings.redis_url is not None
+            self._ping = redis.Redis.from_url(
+                self.settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25
+            )
+        try:
+            return bool(self._ping.ping())
+        except redis.RedisError:
+            return False
+
+    # ----------------------------------------------------------------- small helpers
+
+    def _slot_label(self, w: Worker) -> str:
+        if len(self.settings.groups) > 1 and w.spec.group < len(self.settings.groups):
+            return f"{self.settings.groups[w.spec.group].name}:{w.spec.slot}"
+        return str(w.spec.slot)
+
+    def _title(self) -> str:
+        live = sum(1 for w in self.workers.values() if w.stop_level is None)
+        state = " paused" if self.paused else ""
+        if self.stop_level is not None:
+            state = f" stopping({('graceful', 'quick', 'kill')[self.stop_level]})"
+        return (
+            f"resque-starter: supervisor gen={self.generation} workers={live}/{sum(self.sizes)}{state} "
+            f"app={','.join(self.settings.app) or '-'}"
+        )
+
+    def _write_pid_file(self) -> None:
+        path = self.settings.pid_file
+        if not path:
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ConfigError("RESQUE_STARTER_PID_FILE", path, f"a writable path ({exc.strerror})") from None
+
+    def _remove_pid_file(self) -> None:
+        path = self.settings.pid_file
+        if not path:
+            return
+        try:
+            with open(path) as f:
+                if f.read().strip() == str(os.getpid()):
+                    os.unlink(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("could not remove pid file %s: %s", path, exc)
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
