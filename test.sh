@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up everything the tests need on a Debian machine, then run them. `.ci/run` calls this.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v redis-server >/dev/null || ! command -v tini >/dev/null || ! command -v unshare >/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server tini util-linux >/dev/null
+fi
+# the distribution's redis-server service is not what the tests use: they start their own on a free port
+as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'
+
+if [ "${RESQUE_STARTER_SKIP_DOCKER:-}" != 1 ] && [ -x docker/ci-setup.sh ] && [ "$(id -u)" = 0 ]; then
+  docker/ci-setup.sh
+  trap 'docker/ci-teardown.sh || true' EXIT
+fi
+
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,158 @@
+"""Drive a real `resque-starter` process: start it, signal it, read its status, wait for its exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from rq import Queue, Worker
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+from conftest import wait_for
+from resque_starter import control
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def base_env(redis_url: str | None, run_dir: str, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESQUE_STARTER_") and k != "REDIS_URL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT)])
+    env["RESQUE_STARTER_RUN_DIR"] = run_dir
+    env["RESQUE_STARTER_CONCURRENCY"] = "2"
+    env["RESQUE_STARTER_JOB_MONITORING_INTERVAL"] = "1"
+    env["RESQUE_STARTER_LOG_LEVEL"] = "DEBUG"
+    env["RESQUE_STARTER_DRAIN_TIMEOUT"] = "10"
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
+    env.update(overrides)
+    return env
+
+
+class Starter:
+    """One supervisor process under test, with its log in a file the test can read."""
+
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> None:
+        self.env = env
+        self.run_dir = env["RESQUE_STARTER_RUN_DIR"]
+        self.log_path = Path(self.run_dir).parent / f"starter-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        argv = [*prefix, sys.executable, "-m", "resque_starter", "run", *args]
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        self.url = env.get("REDIS_URL") or f"unix://{self.run_dir}/redis.sock"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def connection(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def ctl(self, message: dict[str, Any]) -> dict[str, Any]:
+        return control.request(self.run_dir, message)
+
+    def status(self) -> dict[str, Any]:
+        return self.ctl({"cmd": "status"})["status"]
+
+    def try_status(self) -> dict[str, Any] | None:
+        try:
+            return self.status()
+        except control.ControlError:
+            return None
+
+    def ready_workers(self) -> list[dict[str, Any]]:
+        status = self.try_status()
+        if status is None:
+            return []
+        return [w for w in status["workers"] if w["ready"] and w["state"] != "stopping"]
+
+    def wait_workers(self, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Until exactly n workers are ready, and rq's own registry agrees."""
+
+        def settled() -> list[dict[str, Any]] | None:
+            self.assert_running()
+            workers = self.ready_workers()
+            status = self.try_status()
+            if status is None or len(workers) != n or len(status["workers"]) != n:
+                return None
+            names = {w.name for w in Worker.all(connection=self.connection())}
+            return workers if {w["name"] for w in workers} <= names else None
+
+        return wait_for(settled, timeout, what=f"{n} ready workers") or []  # type: ignore[return-value]
+
+    def assert_running(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise AssertionError(f"resque-starter exited with {code}:\n{self.log()[-4000:]}")
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"resque-starter did not exit in {timeout}s:\n{self.log()[-4000:]}") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process whose ancestry leads to pid (from /proc), so tests can see what is left behind."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        children = [p for p, ppid in parents.items() if ppid == current]
+        found += children
+        frontier += children
+    return found
+
+
+def process_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def registries(conn: redis.Redis, queue: str = "default") -> dict[str, list[str]]:
+    q = Queue(queue, connection=conn)
+    return {
+        "queued": q.get_job_ids(),
+        "started": StartedJobRegistry(queue, connection=conn).get_job_ids(),
+        "failed": FailedJobRegistry(queue, connection=conn).get_job_ids(),
+    }

@@ -1,0 +1,253 @@
+"""The core of issue 2: a real supervisor, mold and workers, driven with real signals and real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rq import Queue, Worker
+from rq.job import Job, JobStatus
+
+from conftest import wait_for
+from starter import ROOT, Starter, base_env, cmdline, descendants, process_state, registries
+
+
+@pytest.fixture
+def start(redis_url, run_dir, conn):  # type: ignore[no-untyped-def]
+    started: list[Starter] = []
+
+    def _start(args: tuple[str, ...] = (), **env: str) -> Starter:
+        s = Starter(base_env(redis_url, run_dir, **env), args)
+        started.append(s)
+        return s
+
+    yield _start
+    for s in started:
+        s.stop()
+
+
+def enqueue(conn, func: str, *args, queue: str = "default", **kwargs) -> Job:  # type: ignore[no-untyped-def]
+    return Queue(queue, connection=conn).enqueue(func, *args, **kwargs)
+
+
+def wait_status(conn, job: Job, status: JobStatus, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    wait_for(lambda: job.get_status(refresh=True) == status, timeout, what=f"job {job.id} to be {status}")
+
+
+def test_jobs_from_another_process_run_on_workers_forked_from_one_mold(start, conn) -> None:
+    s = start(RESQUE_STARTER_APP="testapp", RESQUE_STARTER_CONCURRENCY="3")
+    workers = s.wait_workers(3)
+    producer = (
+        "import redis, rq, sys\n"
+        "q = rq.Queue('default', connection=redis.Redis.from_url(sys.argv[1]))\n"
+        "print(' '.join(q.enqueue('testjobs.pid').id for _ in range(30)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", producer, s.url], capture_output=True, text=True, check=True)
+    jobs = [Job.fetch(i, connection=conn) for i in out.stdout.split()]
+    wait_for(lambda: all(j.get_status(refresh=True) == JobStatus.FINISHED for j in jobs), 30, what="30 jobs")
+    status = s.status()
+    mold_pid = status["molds"][0]["pid"]
+    assert [int(p) for p in conn.lrange("testapp:imports", 0, -1)] == [mold_pid], "the app is imported once"
+    worker_pids = {w["pid"] for w in workers}
+    children = set(descendants(s.pid))
+    assert worker_pids | {mold_pid} <= children
+    for pid in worker_pids:  # workers are the supervisor's children (double fork), not the mold's
+        assert int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == s.pid
+    assert {j.worker_name for j in jobs} <= {w["name"] for w in workers}
+    assert "resque-starter: supervisor gen=1 workers=3/3" in cmdline(s.pid)
+    assert "resque-starter: mold gen=1 app=testapp" in cmdline(mold_pid)
+    assert any("resque-starter: worker[0] gen=1" in cmdline(p) for p in worker_pids)
+
+
+def test_quit_lets_the_running_job_finish_and_leaves_nothing_behind(start, conn) -> None:
+    s = start()
+    s.wait_workers(2)
+    job = enqueue(conn, "testjobs.sleep_then_record", 2)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    tree = descendants(s.pid)
+    s.signal(signal.SIGQUIT)
+    assert s.wait_exit(30) == 0
+    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    assert registries(conn)["started"] == []
+    assert Worker.all(connection=conn) == []
+    assert [p for p in tree if process_state(p) is not None] == []
+
+
+@pytest.mark.parametrize("term", ["graceful", "quick"])
+def test_term_follows_resque_starter_term(start, conn, term: str) -> None:
+    s = start(RESQUE_STARTER_TERM=term)
+    s.wait_workers(2)
+    job = enqueue(conn, "testjobs.sleep_then_record", 3)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    s.signal(signal.SIGTERM)
+    code = s.wait_exit(30)
+    if term == "graceful":
+        assert code == 0
+        assert job.get_status(refresh=True) == JobStatus.FINISHED
+    else:
+        assert code == 1
+        assert registries(conn)["queued"] == [job.id], "a quick stop puts the job back in its queue"
+    assert registries(conn)["started"] == []
+
+
+def test_int_requeues_the_running_job_at_the_front_and_exits_1(start, conn) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1")
+    s.wait_workers(1)
+    long_job = enqueue(conn, "testjobs.sleep_then_record", 60)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    waiting = enqueue(conn, "testjobs.record")
+    s.signal(signal.SIGINT)
+    assert s.wait_exit(20) == 1
+    regs = registries(conn)
+    assert regs["queued"] == [long_job.id, waiting.id]
+    assert regs["started"] == []
+    assert Job.fetch(long_job.id, connection=conn).meta.get("resque_starter_requeues") == 1
+
+
+def test_second_term_escalates_a_drain_to_a_quick_stop(start, conn) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_DRAIN_TIMEOUT="60")
+    s.wait_workers(1)
+    job = enqueue(conn, "testjobs.sleep_then_record", 60)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    s.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping: graceful" in s.log(), what="the drain to begin")
+    s.signal(signal.SIGTERM)
+    assert s.wait_exit(20) == 1
+    assert registries(conn)["queued"] == [job.id]
+    assert registries(conn)["started"] == []
+
+
+def test_drain_timeout_escalates_on_its_own(start, conn) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_DRAIN_TIMEOUT="1")
+    s.wait_workers(1)
+    job = enqueue(conn, "testjobs.sleep_then_record", 60)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    began = time.monotonic()
+    s.signal(signal.SIGTERM)
+    assert s.wait_exit(20) == 1
+    assert time.monotonic() - began < 1 + 10, "drain timeout + generous slack"
+    assert registries(conn)["queued"] == [job.id]
+
+
+def test_usr1_kills_running_jobs_and_workers_go_on(start, conn) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1")
+    [worker] = s.wait_workers(1)
+    job = enqueue(conn, "testjobs.sleep_then_record", 60)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    s.signal(signal.SIGUSR1)
+    wait_status(conn, job, JobStatus.FAILED)
+    assert job.id in registries(conn)["failed"]
+    assert "SIGUSR1" in (Job.fetch(job.id, connection=conn).latest_result().exc_string or "")
+    after = enqueue(conn, "testjobs.record")
+    wait_status(conn, after, JobStatus.FINISHED)
+    assert s.status()["workers"][0]["pid"] == worker["pid"], "the same worker goes on"
+
+
+def test_usr2_pauses_intake_and_cont_resumes(start, conn) -> None:
+    s = start()
+    s.wait_workers(2)
+    s.signal(signal.SIGUSR2)
+    wait_for(lambda: all(w.get_state() == "suspended" for w in Worker.all(connection=conn)) and
+             len(Worker.all(connection=conn)) == 2, what="workers suspended")
+    job = enqueue(conn, "testjobs.record")
+    time.sleep(1.5)  # a window in which a paused worker must NOT take the job (absence can only be sampled)
+    assert job.get_status(refresh=True) == JobStatus.QUEUED
+    assert len(Worker.all(connection=conn)) == 2, "paused workers stay registered"
+    s.signal(signal.SIGCONT)
+    wait_status(conn, job, JobStatus.FINISHED)
+
+
+def test_ttin_adds_and_ttou_removes_the_highest_slot_gracefully(start, conn) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1")
+    s.wait_workers(1)
+    s.signal(signal.SIGTTIN)
+    s.signal(signal.SIGTTIN)
+    workers = s.wait_workers(3)
+    assert sorted(w["slot"] for w in workers) == [0, 1, 2]
+    assert len(Worker.all(connection=conn)) == 3
+    for _ in range(3):
+        enqueue(conn, "testjobs.sleep_then_record", 2)
+    wait_for(lambda: conn.llen("testjobs:done:started") == 3, what="three jobs running")
+    s.signal(signal.SIGTTOU)
+    workers = s.wait_workers(2)
+    assert sorted(w["slot"] for w in workers) == [0, 1]
+    wait_for(lambda: conn.llen("testjobs:done") == 3, what="every running job to finish, slot 2's too")
+    assert registries(conn)["failed"] == []
+
+
+def test_a_killed_worker_is_respawned(start, conn) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1")
+    [worker] = s.wait_workers(1)
+    os.kill(worker["pid"], signal.SIGKILL)
+    wait_for(lambda: [w for w in s.ready_workers() if w["pid"] != worker["pid"]], what="a new worker")
+    job = enqueue(conn, "testjobs.record")
+    wait_status(conn, job, JobStatus.FINISHED)
+    assert [w.name for w in Worker.all(connection=conn)] != [worker["name"]]
+
+
+def test_app_that_fails_to_import_exits_3_with_one_traceback(start, tmp_path: Path) -> None:
+    (tmp_path / "brokenapp.py").write_text("import os\nraise RuntimeError('broken on purpose')\n")
+    s = start(RESQUE_STARTER_APP="brokenapp", PYTHONPATH=f"{tmp_path}:{ROOT}")
+    assert s.wait_exit(20) == 3
+    assert s.log().count("RuntimeError: broken on purpose") == 2  # the traceback's last line, and the summary
+    assert s.log().count("Traceback (most recent call last)") == 1
+
+
+def test_after_fork_that_raises_is_a_crash_loop_exit_4(start, tmp_path: Path) -> None:
+    conf = tmp_path / "conf.py"
+    conf.write_text("def after_fork(worker, slot):\n    raise RuntimeError('no')\n")
+    s = start(RESQUE_STARTER_CONFIG=str(conf), RESQUE_STARTER_CONCURRENCY="1")
+    assert s.wait_exit(60) == 4
+    assert "crash loop" in s.log()
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"RESQUE_STARTER_CONCURRENCY": "-1"}, "RESQUE_STARTER_CONCURRENCY"),
+        ({"RESQUE_STARTER_CONCURRENCY": "abc"}, "RESQUE_STARTER_CONCURRENCY"),
+        ({"RESQUE_STARTER_QUEUES": "high priority"}, "RESQUE_STARTER_QUEUES"),
+        ({"RESQUE_STARTER_CONFIG": "/nonexistent/conf.py"}, "RESQUE_STARTER_CONFIG"),
+        ({"RESQUE_STARTER_WORKER_CLASS": "rq.NoSuchWorker"}, "RESQUE_STARTER_WORKER_CLASS"),
+        ({"RESQUE_STARTER_APP": "no_such_module_anywhere"}, "RESQUE_STARTER_APP"),
+        ({"RESQUE_STARTER_WORKER_CLASS": "testjobs.NoSuchClass"}, "RESQUE_STARTER_WORKER_CLASS"),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_line(start, env: dict[str, str], needle: str) -> None:
+    s = start(**env, RESQUE_STARTER_LOG_LEVEL="WARNING")
+    assert s.wait_exit(20) == 2
+    errors = [line for line in s.log().splitlines() if needle in line]
+    assert len(errors) == 1, s.log()
+    assert "not allowed" in errors[0]
+
+
+def test_idle_supervisor_uses_no_cpu(start) -> None:
+    s = start()
+    s.wait_workers(2)
+
+    def cpu_ticks() -> int:
+        fields = open(f"/proc/{s.pid}/stat").read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    time.sleep(0.5)
+    before = cpu_ticks()
+    time.sleep(3)  # measuring an interval: the quantity under test is CPU used while nothing happens
+    assert cpu_ticks() - before <= 2, "an idle supervisor sleeps in select(), it does not poll"
+
+
+def test_json_logs_are_one_object_a_line_with_the_role(start, conn) -> None:
+    s = start(RESQUE_STARTER_LOG_FORMAT="json", RESQUE_STARTER_CONCURRENCY="1")
+    s.wait_workers(1)
+    job = enqueue(conn, "testjobs.record")
+    wait_status(conn, job, JobStatus.FINISHED)
+    s.signal(signal.SIGQUIT)
+    assert s.wait_exit(20) == 0
+    entries = [json.loads(line) for line in s.log().splitlines() if line.strip()]
+    roles = {e["role"].split()[0] for e in entries}
+    assert {"supervisor", "mold", "worker[0]"} <= roles or {"supervisor", "mold"} <= roles
