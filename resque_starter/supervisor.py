@@ -426,8 +426,7 @@ class Supervisor:
         if w.spec.generation == self.generation and self.serving_generation not in (0, self.generation):
             self.reload_error = f"generation {self.generation}: workers crash at start; reload abandoned"
             log.error("%s; generation %d keeps serving", self.reload_error, self.serving_generation)
-            self.generation = self.serving_generation
-            self.backoff.clear()
+            self._revert_generation()
             return
         log.error(
             "crash loop: worker[%s] died within %.0fs of start %d times in a row; giving up",
@@ -437,6 +436,14 @@ class Supervisor:
         )
         self.request_stop(QUICK)
         self._pending_exit = EXIT_CRASH_LOOP
+
+    def _revert_generation(self) -> None:
+        """A reload that cannot serve is abandoned: the serving generation and its settings stay."""
+        self.generation = self.serving_generation
+        serving = self.molds.get(self.serving_generation)
+        if serving is not None:
+            self.settings = serving.settings
+        self.backoff.clear()
 
     def _recover(self, w: Worker, status: int) -> None:
         """A worker died without cleaning up: kill its orphaned horse, then fix its jobs in Redis."""
@@ -600,7 +607,7 @@ class Supervisor:
             return
         self.reload_error = f"generation {mold.generation}: {message}"
         log.error("reload failed, generation %d keeps serving: %s", self.serving_generation, message)
-        self.generation = self.serving_generation
+        self._revert_generation()
 
     def _on_mold_exit(self, mold: Mold, status: int) -> None:
         if self.molds.get(mold.generation) is mold:
@@ -681,6 +688,8 @@ class Supervisor:
                 w.stop_reason = f"recycle: {message.get('reason')}"
 
     def _stop_worker(self, w: Worker, level: int, reason: str) -> None:
+        if w.pid is None:
+            return  # the mold has not told us its pid yet; the next reconcile (on "forked") stops it
         w.stop_level, w.stop_reason = level, reason
         if level == KILL:
             horse = (w.job or {}).get("horse")

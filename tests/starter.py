@@ -14,8 +14,9 @@ import redis
 from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from conftest import wait_for
 from resque_starter import control
+
+from conftest import wait_for
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -101,7 +102,9 @@ class Starter:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"resque-starter did not exit in {timeout}s:\n{self.log()[-4000:]}") from None
+            raise AssertionError(
+                f"resque-starter did not exit in {timeout}s:\n{self.log()[-4000:]}"
+            ) from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:

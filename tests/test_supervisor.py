@@ -58,7 +58,7 @@ def test_jobs_from_another_process_run_on_workers_forked_from_one_mold(start, co
     children = set(descendants(s.pid))
     assert worker_pids | {mold_pid} <= children
     for pid in worker_pids:  # workers are the supervisor's children (double fork), not the mold's
-        assert int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == s.pid
+        assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == s.pid
     assert {j.worker_name for j in jobs} <= {w["name"] for w in workers}
     assert "resque-starter: supervisor gen=1 workers=3/3" in cmdline(s.pid)
     assert "resque-starter: mold gen=1 app=testapp" in cmdline(mold_pid)
@@ -153,8 +153,13 @@ def test_usr2_pauses_intake_and_cont_resumes(start, conn) -> None:
     s = start()
     s.wait_workers(2)
     s.signal(signal.SIGUSR2)
-    wait_for(lambda: all(w.get_state() == "suspended" for w in Worker.all(connection=conn)) and
-             len(Worker.all(connection=conn)) == 2, what="workers suspended")
+    wait_for(
+        lambda: (
+            all(w.get_state() == "suspended" for w in Worker.all(connection=conn))
+            and len(Worker.all(connection=conn)) == 2
+        ),
+        what="workers suspended",
+    )
     job = enqueue(conn, "testjobs.record")
     time.sleep(1.5)  # a window in which a paused worker must NOT take the job (absence can only be sampled)
     assert job.get_status(refresh=True) == JobStatus.QUEUED
@@ -232,7 +237,7 @@ def test_idle_supervisor_uses_no_cpu(start) -> None:
     s.wait_workers(2)
 
     def cpu_ticks() -> int:
-        fields = open(f"/proc/{s.pid}/stat").read().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{s.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])
 
     time.sleep(0.5)
