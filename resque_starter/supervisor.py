@@ -153,6 +153,7 @@ class Supervisor:
         """Start, loop until the desired state is 'stopped' and reached, clean up; the exit code."""
         try:
             self._start()
+            self.reconcile()
             while self.exit_code is None:
                 self._wait(self._next_timeout())
                 self._handle_signals()
