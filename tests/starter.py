@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -44,13 +45,26 @@ class Starter:
         self.run_dir = env["RESQUE_STARTER_RUN_DIR"]
         self.log_path = Path(self.run_dir).parent / f"starter-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._prefix = prefix
+        self._inner: int | None = None
         argv = [*prefix, sys.executable, "-m", "resque_starter", "run", *args]
         self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(ROOT))
         self.url = env.get("REDIS_URL") or f"unix://{self.run_dir}/redis.sock"
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        """The supervisor's pid as seen from here: under `unshare` or `tini`, the wrapper's child."""
+        if not self._prefix:
+            return self.proc.pid
+        if self._inner is None:
+
+            def child() -> int | None:
+                self.assert_running()
+                kids = children(self.proc.pid)
+                return kids[0] if kids else None
+
+            self._inner = int(wait_for(child, what="the wrapped supervisor to start"))  # type: ignore[arg-type]
+        return self._inner
 
     def connection(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)
@@ -59,7 +73,7 @@ class Starter:
         return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:
-        os.kill(self.proc.pid, sig)
+        os.kill(self.pid, sig)
 
     def ctl(self, message: dict[str, Any]) -> dict[str, Any]:
         return control.request(self.run_dir, message)
@@ -108,17 +122,19 @@ class Starter:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError, AssertionError):
+                os.kill(self.pid, signal.SIGINT)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process whose ancestry leads to pid (from /proc), so tests can see what is left behind."""
+def _parents() -> dict[int, int]:
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -127,6 +143,16 @@ def descendants(pid: int) -> list[int]:
                     parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
+    return parents
+
+
+def children(pid: int) -> list[int]:
+    return sorted(p for p, ppid in _parents().items() if ppid == pid)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process whose ancestry leads to pid (from /proc), so tests can see what is left behind."""
+    parents = _parents()
     found, frontier = [], [pid]
     while frontier:
         current = frontier.pop()

@@ -1,0 +1,182 @@
+"""Issue 3: correct as PID 1 (a new PID namespace), and a Kubernetes stop loses nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from rq import Queue
+from rq.job import Job, JobStatus
+
+from conftest import wait_for
+from starter import Starter, base_env, descendants, process_state, registries
+
+UNSHARE = ("unshare", "--pid", "--fork", "--mount-proc", "--kill-child")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare"
+)
+
+
+@pytest.fixture
+def start(redis_url, run_dir, conn):  # type: ignore[no-untyped-def]
+    started: list[Starter] = []
+
+    def _start(prefix: tuple[str, ...] = UNSHARE, **env: str) -> Starter:
+        s = Starter(base_env(redis_url, run_dir, **env), prefix=prefix)
+        started.append(s)
+        return s
+
+    yield _start
+    for s in started:
+        s.stop()
+
+
+def zombies(s: Starter) -> list[int]:
+    return [p for p in descendants(s.proc.pid) if process_state(p) == "Z"]
+
+
+def in_namespace_pid(s: Starter) -> int:
+    with open(f"/proc/{s.pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    raise AssertionError("no NSpid line")
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [UNSHARE, (*UNSHARE, "tini", "--"), ()],
+    ids=["pid1", "tini-pid1", "subreaper"],
+)
+def test_orphans_from_jobs_are_reaped(start, conn, prefix: tuple[str, ...]) -> None:
+    if "tini" in prefix and not shutil.which("tini"):
+        pytest.skip("tini is not installed")
+    s = start(prefix=prefix)
+    s.wait_workers(2)
+    if prefix == UNSHARE:
+        assert in_namespace_pid(s) == 1
+    q = Queue("default", connection=conn)
+    jobs = [q.enqueue("testjobs.make_orphan", 0.2) for _ in range(6)]
+    wait_for(lambda: all(j.get_status(refresh=True) == JobStatus.FINISHED for j in jobs), 30, what="jobs")
+
+    def settled() -> bool:
+        return not zombies(s) and not any("import os,time" in _cmd(p) for p in descendants(s.proc.pid))
+
+    wait_for(settled, 10, what="every orphan to exit and be reaped")
+    assert not zombies(s)
+    assert conn.llen("testjobs:orphans") == 6
+
+
+def _cmd(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_every_signal_reaches_pid1(start, conn) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1")
+    s.wait_workers(1)
+    s.signal(signal.SIGTTIN)
+    s.wait_workers(2)
+    s.signal(signal.SIGTTOU)
+    s.wait_workers(1)
+    s.signal(signal.SIGUSR2)
+    wait_for(lambda: s.status()["paused"], what="paused")
+    s.signal(signal.SIGCONT)
+    wait_for(lambda: not s.status()["paused"], what="resumed")
+    job = Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 60)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    s.signal(signal.SIGUSR1)
+    wait_for(lambda: job.get_status(refresh=True) == JobStatus.FAILED, what="USR1 to kill the job")
+    s.signal(signal.SIGQUIT)
+    assert s.wait_exit(20) == 0
+
+
+def test_term_with_a_job_longer_than_the_drain_timeout(start, conn) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_DRAIN_TIMEOUT="2")
+    s.wait_workers(1)
+    q = Queue("default", connection=conn)
+    job = q.enqueue("testjobs.sleep_then_record", 60)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    other = q.enqueue("testjobs.record")
+    began = time.monotonic()
+    s.signal(signal.SIGTERM)
+    assert s.wait_exit(15) == 1
+    assert time.monotonic() - began <= 2 + 2, "exits within drain timeout + 2 s"
+    regs = registries(conn)
+    assert regs["queued"] == [job.id, other.id], "the interrupted job is back at the head of its queue"
+    assert regs["started"] == []
+    assert Job.fetch(job.id, connection=conn).meta["resque_starter_requeues"] == 1
+
+
+def test_term_with_short_jobs_finishes_them_and_exits_0(start, conn) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="2", RESQUE_STARTER_DRAIN_TIMEOUT="10")
+    s.wait_workers(2)
+    q = Queue("default", connection=conn)
+    jobs = [q.enqueue("testjobs.sleep_then_record", 1) for _ in range(2)]
+    wait_for(lambda: conn.llen("testjobs:done:started") == 2, what="both jobs to start")
+    s.signal(signal.SIGTERM)
+    assert s.wait_exit(15) == 0
+    assert all(j.get_status(refresh=True) == JobStatus.FINISHED for j in jobs)
+    assert registries(conn)["started"] == []
+
+
+def test_simulated_kubelet_term_then_sigkill_loses_nothing(start, conn) -> None:
+    grace = 6.0
+    s = start(RESQUE_STARTER_CONCURRENCY="2", RESQUE_STARTER_DRAIN_TIMEOUT="1")
+    s.wait_workers(2)
+    q = Queue("default", connection=conn)
+    jobs = [q.enqueue("testjobs.sleep_then_record", 30) for _ in range(2)]
+    jobs += [q.enqueue("testjobs.sleep_then_record", 0.2) for _ in range(5)]
+    wait_for(lambda: conn.llen("testjobs:done:started") >= 2, what="jobs to start")
+    s.signal(signal.SIGTERM)  # the kubelet: TERM to PID 1, then SIGKILL of the namespace after the grace
+    try:
+        s.proc.wait(grace)
+    except Exception:
+        os.kill(s.proc.pid, signal.SIGKILL)  # --kill-child: the whole namespace goes
+        s.proc.wait()
+    regs = registries(conn)
+    assert regs["started"] == []
+    for job in jobs:
+        status = job.get_status(refresh=True)
+        assert status in (JobStatus.FINISHED, JobStatus.QUEUED), (job.id, status)
+        if status == JobStatus.QUEUED:
+            assert job.id in regs["queued"]
+
+
+def test_a_worker_killed_mid_job_leaves_its_job_failed_with_a_reason(start, conn) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1")
+    [worker] = s.wait_workers(1)
+    job = Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 60)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    busy = wait_for(lambda: [w for w in s.status()["workers"] if w["state"] == "busy"], what="busy status")
+    horse = busy[0]["horse_pid"]  # type: ignore[index]
+    assert horse
+    os.kill(_host_pid(s, worker["pid"]), signal.SIGKILL)
+    wait_for(lambda: job.get_status(refresh=True) == JobStatus.FAILED, 10, what="the job to be failed")
+    result = Job.fetch(job.id, connection=conn).latest_result()
+    assert result is not None and "died" in (result.exc_string or "")
+    assert registries(conn)["started"] == []
+    wait_for(
+        lambda: not [p for p in descendants(s.proc.pid) if "sleep_then_record" in _cmd(p)], what="horse gone"
+    )
+    s.wait_workers(1)
+    assert worker["name"] not in {w["name"] for w in s.status()["workers"]}
+
+
+def _host_pid(s: Starter, ns_pid: int) -> int:
+    """A pid the supervisor reports (its namespace's) as seen from the test (the host's)."""
+    for p in descendants(s.proc.pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:") and int(line.split()[-1]) == ns_pid:
+                        return p
+        except OSError:
+            continue
+    raise AssertionError(f"no process with namespace pid {ns_pid}")
