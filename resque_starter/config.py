@@ -115,7 +115,6 @@ class Settings:
 
 HOOK_NAMES = tuple(f.name for f in fields(Hooks))
 PREFIX = "RESQUE_STARTER_"
-URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 Parser = Callable[[object], Any]
 
@@ -164,25 +163,36 @@ def _duration(allow_zero: bool) -> Parser:
     text = f"a duration {'>= 0' if allow_zero else '> 0'} in seconds or with a unit: 90, 90s, 1.5m, 15m, 2h"
 
     def parse(value: object) -> float:
-        if isinstance(value, str) and (match := _DURATION.fullmatch(value.strip())):
-            value = float(match[1]) * _SECONDS[match[2].lower()]
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        seconds = _seconds(value)
+        if seconds is None or seconds < 0 or (seconds == 0 and not allow_zero):
             raise _Invalid(text)
-        if value < 0 or (value == 0 and not allow_zero):
-            raise _Invalid(text)
-        return float(value)
+        return seconds
 
     return parse
 
 
+def _seconds(value: object) -> float | None:
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        return float(match[1]) * _SECONDS[match[2].lower()] if match else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
 # K, M, G, T are binary multiples in every spelling (512M = 512Mi = 512MB), as with `docker run -m`.
 _SIZE = re.compile(r"([0-9]{1,15}(?:\.[0-9]{1,6})?)\s*(?:([KMGT])(?:i|B|iB)?|B)?", re.IGNORECASE)
+_BYTES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def _size(value: object) -> int:
     text = "a size > 0 in bytes or with a unit: 536870912, 1024K, 512M, 512Mi, 512MB, 1G"
     if isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
-        value = round(float(match[1]) * 1024 ** ("KMGT".find((match[2] or "_").upper()) + 1))
+        value = round(float(match[1]) * _BYTES[(match[2] or "").upper()])
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise _Invalid(text)
     return value
@@ -297,7 +307,6 @@ def _subclass_path(base: str, example: str) -> Parser:
     return _dotted_path(f"the dotted path of a {base} subclass, such as {example}", fits)
 
 
-_SERIALIZER_ALIASES = ("json", "pickle")  # rq.serializers.SERIALIZER_ALIASES
 _serializer_path = _dotted_path(
     "json, pickle, or the dotted path of an object with dumps() and loads(), "
     "such as rq.serializers.JSONSerializer",
@@ -306,7 +315,9 @@ _serializer_path = _dotted_path(
 
 
 def _serializer(value: object) -> str:
-    if isinstance(value, str) and value.strip() in _SERIALIZER_ALIASES:
+    from rq.serializers import SERIALIZER_ALIASES
+
+    if isinstance(value, str) and value.strip() in SERIALIZER_ALIASES:
         return value.strip()
     return _serializer_path(value)
 
