@@ -28,6 +28,7 @@ class WorkerProcess:
     pid: int
     sock: socket.socket
     name: str
+    status_fd: int  # the worker's end of the status socket, by its fd number in the worker
     seen: list[dict[str, Any]] = field(default_factory=list)
     horses: set[int] = field(default_factory=set)
     exit_code: int | None = None
@@ -109,8 +110,9 @@ def fork_worker(settings: Settings, spec: WorkerSpec) -> WorkerProcess:
             run_worker(settings, spec, child)
         finally:
             os._exit(99)
+    status_fd = child.fileno()
     child.close()
-    return WorkerProcess(pid, parent, spec.name)
+    return WorkerProcess(pid, parent, spec.name, status_fd)
 
 
 @contextlib.contextmanager
