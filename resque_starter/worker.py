@@ -213,7 +213,7 @@ class StarterMixin:
     """resque-starter's behaviour over any rq worker class (`type('StarterWorker', (StarterMixin, cls), {})`).
 
     Relies on these rq 3.0 BaseWorker hooks: dequeue_job_and_maintain_ttl, execute_job,
-    prepare_execution, fork_work_horse, prepare_job_execution, handle_execution_ended,
+    prepare_execution, fork_work_horse, kill_horse, prepare_job_execution, handle_execution_ended,
     handle_job_failure, register_birth, teardown, procline.
     """
 
@@ -425,7 +425,7 @@ class StarterMixin:
         super().fork_work_horse(job, queue)
         self._send_busy(horse=self.horse_pid)
         if self._interrupts:  # the signal came before there was a horse to kill
-            self.kill_horse(signal.SIGKILL)
+            self.kill_horse()
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         super().prepare_job_execution(job, remove_from_intermediate_queue)
@@ -443,6 +443,22 @@ class StarterMixin:
         super().maintain_heartbeats(job, execution)
         self.procline("busy")  # refresh the elapsed time in the title
 
+    def kill_horse(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """rq kills the horse's process group, but a horse that has not yet run its os.setpgrp() is
+        still in ours, and so may be the supervisor: then kill the horse alone (it has no children
+        yet). A horse that already exited is no error."""
+        pid = self.horse_pid
+        if not pid:
+            return
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        self.log.info("Worker %s: killed horse pid %s", self.name, pid)
+
     def interrupt_job(self, kind: str) -> None:
         """Signal handler side of SIGINT / SIGUSR1: kill the horse, or raise inside a SimpleWorker's
         job. Outside a job it does nothing; the job is settled in handle_job_failure."""
@@ -451,7 +467,7 @@ class StarterMixin:
             return
         self._interrupts[running.job_id] = kind
         if self.horse_pid:
-            self.kill_horse(signal.SIGKILL)
+            self.kill_horse()
         elif self._performing:
             self._raise_interrupt(kind)
 

@@ -10,15 +10,11 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import RedisServer, wait_for
 from rq import Queue, Retry, Worker
 from rq.command import send_shutdown_command
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
-
-import resque_starter.worker as worker_module
-from conftest import RedisServer, wait_for
-from resque_starter.config import Group, Hooks
-from resque_starter.recovery import REQUEUES_META_KEY, claim_key, recover_worker
 from worker_harness import (
     WorkerProcess,
     claim_keys,
@@ -29,6 +25,10 @@ from worker_harness import (
     worker_processes,
 )
 
+import resque_starter.worker as worker_module
+from resque_starter.config import Group, Hooks
+from resque_starter.recovery import REQUEUES_META_KEY, claim_key, recover_worker
+
 BOTH_CLASSES = pytest.mark.parametrize("worker_class", ["rq.Worker", "rq.SimpleWorker"])
 Start = Callable[..., WorkerProcess]
 
@@ -37,7 +37,9 @@ Start = Callable[..., WorkerProcess]
 def start(redis_url: str, conn: redis.Redis) -> Iterator[Start]:
     with worker_processes() as started:
 
-        def _start(queues: tuple[str, ...] = ("default",), spec: Any = None, **overrides: Any) -> WorkerProcess:
+        def _start(
+            queues: tuple[str, ...] = ("default",), spec: Any = None, **overrides: Any
+        ) -> WorkerProcess:
             url = overrides.pop("redis_url", redis_url)
             process = fork_worker(make_settings(url, queues, **overrides), spec or new_spec())
             started.append(process)
@@ -113,7 +115,9 @@ def test_process_title_shows_state(start: Start, conn: redis.Redis) -> None:
     wait_for(lambda: "worker[0] gen=1 idle queues=high,default" in proctitle(worker.pid), what="idle title")
     job = Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 30)
     worker.expect("busy")
-    wait_for(lambda: f"worker[0] gen=1 busy job={job.id[:8]} testjobs.sleep_then_record" in proctitle(worker.pid))
+    wait_for(
+        lambda: f"worker[0] gen=1 busy job={job.id[:8]} testjobs.sleep_then_record" in proctitle(worker.pid)
+    )
     worker.signal(signal.SIGINT)
     assert worker.wait() == 0
 
@@ -135,7 +139,9 @@ def test_horse_does_not_keep_the_status_socket(start: Start, conn: redis.Redis) 
 
     def horse_fd_targets() -> set[str]:
         fds = os.listdir(f"/proc/{horse}/fd")
-        return {os.readlink(f"/proc/{horse}/fd/{fd}") for fd in fds if os.path.exists(f"/proc/{horse}/fd/{fd}")}
+        return {
+            os.readlink(f"/proc/{horse}/fd/{fd}") for fd in fds if os.path.exists(f"/proc/{horse}/fd/{fd}")
+        }
 
     wait_for(lambda: status not in horse_fd_targets(), what="the horse to close the status socket")
     worker.signal(signal.SIGINT)
@@ -154,11 +160,12 @@ def test_keeps_working_when_the_supervisor_is_gone(start: Start, conn: redis.Red
 
 def test_priority_order_of_several_queues(start: Start, conn: redis.Redis) -> None:
     high, low = Queue("high", connection=conn), Queue("low", connection=conn)
-    expected = [low.enqueue("testjobs.record").id, high.enqueue("testjobs.record").id]
-    expected = [expected[1], high.enqueue("testjobs.record").id, expected[0], low.enqueue("testjobs.record").id]
+    low1 = low.enqueue("testjobs.record").id
+    high1, high2 = high.enqueue("testjobs.record").id, high.enqueue("testjobs.record").id
+    low2 = low.enqueue("testjobs.record").id
     worker = start(queues=("high", "low"))
     wait_for(lambda: len(done_ids(conn)) == 4, what="four jobs")
-    assert done_ids(conn) == expected
+    assert done_ids(conn) == [high1, high2, low1, low2]
     # while blocked on the first queue, a job on another one is still picked up
     late = low.enqueue("testjobs.record")
     wait_for(lambda: late.id in done_ids(conn), what="the job on the second queue")
@@ -237,7 +244,9 @@ def start_long_job(start: Start, conn: redis.Redis, **overrides: Any) -> tuple[W
 
 
 @BOTH_CLASSES
-def test_int_requeues_the_running_job_at_the_front(start: Start, conn: redis.Redis, worker_class: str) -> None:
+def test_int_requeues_the_running_job_at_the_front(
+    start: Start, conn: redis.Redis, worker_class: str
+) -> None:
     worker, job, waiting = start_long_job(start, conn, worker_class=worker_class)
     began = time.monotonic()
     worker.signal(signal.SIGINT)
@@ -289,7 +298,9 @@ def test_int_fails_the_job_when_requeue_is_off(start: Start, conn: redis.Redis, 
 
 
 @BOTH_CLASSES
-def test_usr1_kills_the_job_and_the_worker_goes_on(start: Start, conn: redis.Redis, worker_class: str) -> None:
+def test_usr1_kills_the_job_and_the_worker_goes_on(
+    start: Start, conn: redis.Redis, worker_class: str
+) -> None:
     worker, job, waiting = start_long_job(start, conn, worker_class=worker_class)
     worker.signal(signal.SIGUSR1)
     assert worker.expect("idle") == {"event": "idle", "done": 0, "failed": 1}
@@ -320,6 +331,19 @@ def test_usr1_honours_the_jobs_retry(start: Start, conn: redis.Redis, worker_cla
     assert job.get_status() == JobStatus.FAILED
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+
+
+def test_killing_a_job_right_after_the_fork_spares_the_worker(start: Start, conn: redis.Redis) -> None:
+    """Before its os.setpgrp() the horse is in the worker's process group: rq's killpg would hit it."""
+    queue = Queue("default", connection=conn)
+    worker = start()
+    worker.expect("ready")
+    for _ in range(10):
+        queue.enqueue("testjobs.sleep_then_record", 30)
+        worker.expect("busy")
+        worker.signal(signal.SIGUSR1)
+        worker.expect("idle")
+    assert worker.poll() is None
 
 
 def test_usr1_when_idle_does_nothing(start: Start, conn: redis.Redis) -> None:
@@ -436,7 +460,9 @@ def test_sigkill_between_pop_and_record_loses_nothing(
     worker.signal(signal.SIGSTOP)  # Redis still hands it the next job; it never gets to record it
     job = queue.enqueue("testjobs.record")
     claim = claim_key(worker.name, "default")
-    wait_for(lambda: conn.lrange(claim, 0, -1) == [job.id.encode()], what="Redis to move the job into the claim")
+    wait_for(
+        lambda: conn.lrange(claim, 0, -1) == [job.id.encode()], what="Redis to move the job into the claim"
+    )
     worker.kill()
     assert queue.get_job_ids() == []  # with rq's BLPOP this job would now be gone
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
-
 from conftest import wait_for
+
 from resque_starter.config import Group, Settings
 from resque_starter.protocol import LineBuffer, WorkerSpec
 from resque_starter.worker import run_worker
@@ -78,12 +78,21 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the worker and any horse it reported, as the supervisor does to a stuck worker."""
-        for pid in [self.pid, *self.horses]:
+        for pid in [self.pid, *filter(leads_own_group, self.horses)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if self.poll() is None:
             self.wait()
         self.sock.close()
+
+
+def leads_own_group(pid: int) -> bool:
+    """A live horse leads its own process group; a pid reused by something else most likely not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2]) == pid
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def make_settings(redis_url: str, queues: tuple[str, ...] = ("default",), **overrides: Any) -> Settings:
@@ -102,9 +111,12 @@ def fork_worker(settings: Settings, spec: WorkerSpec) -> WorkerProcess:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the worker process
         try:
+            os.setpgrp()  # as a worker's own group: a stray killpg hits the worker, not pytest
             parent.close()
             handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter(f"[worker {os.getpid()}] %(name)s %(levelname)s %(message)s"))
+            handler.setFormatter(
+                logging.Formatter(f"[worker {os.getpid()}] %(name)s %(levelname)s %(message)s")
+            )
             logging.getLogger().addHandler(handler)
             logging.getLogger().setLevel(logging.INFO)
             run_worker(settings, spec, child)
