@@ -7,7 +7,8 @@ import subprocess
 import sys
 import time
 
-from rq import get_current_job
+from rq import Queue, Worker, get_current_job
+from rq.job import Job
 
 
 def noop() -> str:
@@ -49,3 +50,11 @@ def make_orphan(seconds: float = 0.2) -> int:
 
 def pid() -> int:
     return os.getpid()
+
+
+class CountingWorker(Worker):
+    """A user's own worker class: resque-starter must layer over it, not replace it."""
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        super().execute_job(job, queue)
+        self.connection.incr(f"counting:{job.id}")

@@ -1,0 +1,672 @@
+"""The worker process: an rq worker with resque-starter's signals, status events and reliable dequeue.
+
+`run_worker` is what the mold calls in a freshly double-forked child. It opens its own Redis
+connection (waiting for Redis with backoff), runs the after_fork hook and then rq's `work()` with
+`StarterMixin` layered over the configured worker class (`rq.Worker`, `rq.SimpleWorker`, or the
+user's), which changes four things:
+
+- Signals (handlers only set flags or kill the horse): TERM/QUIT finish the current job and exit;
+  INT interrupts it and requeues it at the front of its queue (or fails it, see
+  `recovery.requeue_or_fail`); USR1 kills the current job only; USR2 pauses, CONT resumes.
+- Dequeue: instead of rq's BLPOP (a worker killed after the pop loses the job) or BLMOVE into a
+  shared intermediate list (recovered after a minute or more), job ids move atomically into a claim
+  list of this worker (`recovery.claim_key`) and leave it in the same transaction that records the
+  execution, so `recovery.recover_worker` finds everything a dead worker held.
+- Status: JSON lines on the supervisor's socket (ready, busy, idle, paused, resumed, recycle).
+- Recycling between jobs after max_jobs, max_lifetime (+-10% jitter) or max_memory (USS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from rq.command import parse_payload
+from rq.exceptions import NoSuchJobError, StopRequested
+from rq.executions import Execution
+from rq.job import Job
+from rq.queue import Queue
+from rq.utils import as_text, import_attribute, now
+from rq.worker import BaseWorker, DequeueStrategy, WorkerStatus
+from rq.worker import Worker as ForkingWorker
+from setproctitle import setproctitle
+
+from resque_starter import protocol, recovery
+from resque_starter.config import Settings
+from resque_starter.protocol import WorkerSpec
+
+log = logging.getLogger("resque_starter.worker")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_HOOK_FAILED = 70
+
+# How long one blocking wait for a job lasts. It bounds how late a pause or stop takes effect
+# while idle, and how late a job on a queue other than the first one is noticed while blocked
+# (BLMOVE can wait on one list only; every poll first tries all queues in priority order).
+CLAIM_POLL_SECONDS = 1.0
+STATUS_SEND_TIMEOUT = 5.0
+REDIS_BACKOFF_FIRST = 0.5
+REDIS_BACKOFF_MAX = 30.0
+REDIS_CONNECT_TIMEOUT = 5.0
+
+QUICK_STOP = "quick"
+KILL_JOB = "kill"
+QUICK_STOP_REASON = "resque-starter: interrupted by shutdown (quick stop, SIGINT)"
+KILL_JOB_REASON = "resque-starter: job killed by SIGUSR1"
+LEFTOVER_REASON = "resque-starter: the worker stopped with this job unfinished"
+
+# Signals whose handlers a fork may have inherited from the supervisor, the mold or pytest.
+_RESET_SIGNALS = (
+    signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGCONT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGALRM, signal.SIGWINCH,
+)  # fmt: skip
+_OUR_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
+
+# KEYS[1..n]: queue keys in dequeue order, KEYS[n+1..2n]: this worker's claim lists for them;
+# ARGV: the queue names. Moves the first available job id into its claim list: {queue, id} or nil.
+_CLAIM_FIRST = """
+local n = #ARGV
+for i = 1, n do
+  local job_id = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'LEFT', 'RIGHT')
+  if job_id then
+    return {ARGV[i], job_id}
+  end
+end
+return false
+"""
+
+
+class JobInterrupted(BaseException):
+    """Raised inside a SimpleWorker's running job by SIGINT or SIGUSR1 (a forking worker kills its
+    horse instead). A BaseException, like rq's ShutDownImminentException, so `except Exception` in
+    job code does not swallow it."""
+
+
+class Controls:
+    """The state signal handlers may touch: flags, plus the worker once it exists.
+
+    Every handler only sets flags or interrupts the running job. A wakeup pipe (signal.set_wakeup_fd)
+    lets the worker sleep while paused or backing off and still react to a signal at once.
+    """
+
+    def __init__(self, paused: bool) -> None:
+        self.stop = False
+        self.quick = False
+        self.paused = paused
+        self.worker: StarterMixin | None = None
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def install(self) -> None:
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGQUIT, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_quick_stop)
+        signal.signal(signal.SIGUSR1, self._on_kill_job)
+        signal.signal(signal.SIGUSR2, self._on_pause)
+        signal.signal(signal.SIGCONT, self._on_resume)
+
+    def uninstall_in_child(self) -> None:
+        """In a fork of the worker (horse, scheduler): none of this belongs to it."""
+        signal.set_wakeup_fd(-1)
+        for signum in _OUR_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        os.close(self._read)
+        os.close(self._write)
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to `timeout` seconds; any signal ends it early."""
+        select.select([self._read], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 512):
+                pass
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = True
+
+    def _on_quick_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = self.quick = True
+        if self.worker is not None:
+            self.worker.interrupt_job(QUICK_STOP)
+
+    def _on_kill_job(self, signum: int, frame: FrameType | None) -> None:
+        if self.worker is not None:
+            self.worker.interrupt_job(KILL_JOB)
+
+    def _on_pause(self, signum: int, frame: FrameType | None) -> None:
+        self.paused = True
+
+    def _on_resume(self, signum: int, frame: FrameType | None) -> None:
+        self.paused = False
+
+
+@dataclass
+class Context:
+    """Everything the worker needs from its environment, built once in run_worker."""
+
+    settings: Settings
+    spec: WorkerSpec
+    controls: Controls
+    status: socket.socket
+    queues: tuple[str, ...] = ()
+    label: str = ""
+    deadline: float | None = None
+    _in_child: bool = field(default=False, repr=False)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Tell the supervisor; it may be gone (then nobody is listening), which is not our problem."""
+        with contextlib.suppress(OSError):
+            protocol.send(self.status, message)
+
+    def title(self, state: str) -> str:
+        return f"resque-starter: worker[{self.label}] gen={self.spec.generation} {state}"
+
+    def close_in_child(self) -> None:
+        """os.register_at_fork hook: the horse or scheduler must not hold our socket or handlers."""
+        if self._in_child:
+            return  # a fork of a fork: already done in its parent
+        self._in_child = True
+        self.status.close()
+        self.controls.uninstall_in_child()
+
+
+@dataclass
+class Running:
+    job_id: str
+    func: str
+    queue: str
+    started: float
+
+
+def _func_name(job: Job) -> str:
+    try:
+        return job.func_name or "?"
+    except Exception:  # undeserializable job data: rq fails it when it runs
+        return "?"
+
+
+def private_memory() -> int:
+    """This process's USS in bytes: memory no other process shares (copy-on-write copies included)."""
+    total = 0
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class StarterMixin:
+    """resque-starter's behaviour over any rq worker class (`type('StarterWorker', (StarterMixin, cls), {})`).
+
+    Relies on these rq 3.0 BaseWorker hooks: dequeue_job_and_maintain_ttl, execute_job,
+    prepare_execution, fork_work_horse, kill_horse, prepare_job_execution, handle_execution_ended,
+    handle_job_failure, register_birth, teardown, procline.
+    """
+
+    # Attributes of rq's BaseWorker this mixin uses, for type checkers.
+    connection: redis.Redis
+    name: str
+    key: str
+    log: logging.Logger
+    queues: list[Queue]
+    _ordered_queues: list[Queue]
+    executions: dict[str, Execution]
+    job_class: type[Job]
+    queue_class: type[Queue]
+    serializer: Any
+    last_heartbeat: Any
+    horse_pid: int
+    is_horse: bool
+
+    def __init__(self, *args: Any, context: Context, **kwargs: Any) -> None:
+        self._context = context
+        self._controls = context.controls
+        self._running: Running | None = None
+        self._interrupts: dict[str, str] = {}
+        self._performing = False
+        self._jobs_done = 0
+        self._state_title = "starting"
+        self._claim_first = None
+        super().__init__(*args, **kwargs)
+        self._claim_first = self.connection.register_script(_CLAIM_FIRST)
+
+    # rq's work loop reads and writes this flag; ours is the single source of truth, and a stop once
+    # requested is never withdrawn (BaseWorker.__init__ assigns False).
+    @property
+    def _stop_requested(self) -> bool:
+        return self._controls.stop
+
+    @_stop_requested.setter
+    def _stop_requested(self, value: bool) -> None:
+        self._controls.stop = self._controls.stop or value
+
+    def _install_signal_handlers(self) -> None:
+        """run_worker installed our handlers before connecting to Redis; keep them."""
+
+    def handle_payload(self, message: Any) -> None:
+        """rq's `shutdown` command sends SIGINT to the worker, which here means a quick stop; make it
+        the graceful stop it is in rq. Other commands (kill-horse, stop-job) behave as in rq."""
+        if parse_payload(message).get("command") == "shutdown":
+            self.log.info("Worker %s: shutdown command received, stopping after the current job", self.name)
+            self._controls.stop = True
+            return
+        super().handle_payload(message)
+
+    # --- titles and events ---------------------------------------------------------------------
+
+    def procline(self, message: str) -> None:
+        """rq calls this at every step; show resque-starter's title instead of rq's message."""
+        running = self._running
+        if running is None:
+            setproctitle(self._context.title(self._state_title))
+        elif self.is_horse:
+            setproctitle(self._context.title(f"horse job={running.job_id[:8]} {running.func}"))
+        else:
+            elapsed = time.time() - running.started
+            setproctitle(self._context.title(f"busy job={running.job_id[:8]} {running.func} {elapsed:.1f}s"))
+
+    def _set_title(self, state: str) -> None:
+        self._state_title = state
+        self.procline(state)
+
+    def register_birth(self) -> None:
+        super().register_birth()
+        self._context.send({"event": "ready", "pid": os.getpid(), "name": self.name})
+
+    def _send_busy(self, horse: int | None) -> None:
+        running = self._running
+        assert running is not None
+        self._context.send(
+            {"event": "busy", "job": running.job_id, "func": running.func, "queue": running.queue,
+             "horse": horse, "started": running.started}
+        )  # fmt: skip
+
+    def _send_idle(self) -> None:
+        done, failed = self.connection.hmget(self.key, ["successful_job_count", "failed_job_count"])
+        self._context.send({"event": "idle", "done": int(done or 0), "failed": int(failed or 0)})
+
+    # --- dequeue -------------------------------------------------------------------------------
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """Claim the next job, as rq's version pops it: heartbeats, maintenance and the backoff on
+        Redis connection errors are kept; pause, stop and recycling are checked between short waits.
+
+        `timeout` None (burst mode) tries once without blocking; otherwise it waits, in
+        CLAIM_POLL_SECONDS steps, until a job comes, a stop, or `max_idle_time` seconds pass.
+        """
+        self.set_state(WorkerStatus.IDLE)
+        self._set_title(f"idle queues={','.join(self._context.queues)}")
+        wait = REDIS_BACKOFF_FIRST
+        idle_since = time.monotonic()
+        while True:
+            try:
+                self._recycle_if_due()
+                self._wait_while_paused()
+                if self._controls.stop:
+                    raise StopRequested()
+                self._heartbeat_if_due()
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                result = self._claim(block=timeout is not None)
+                wait = REDIS_BACKOFF_FIRST
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                self.log.error("Worker %s: Redis unreachable (%s), retrying in %.1fs", self.name, exc, wait)
+                self._controls.wait(wait)
+                wait = min(wait * 2, REDIS_BACKOFF_MAX)
+                continue
+            if result is not None or timeout is None:
+                return result
+            if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+                return None
+
+    def _heartbeat_if_due(self) -> None:
+        """rq heartbeats before each blocking wait of `dequeue_timeout` seconds: keep that cadence."""
+        last = self.last_heartbeat
+        if last is None or (now() - last).total_seconds() >= self.dequeue_timeout:
+            self.heartbeat()
+
+    def _claim(self, block: bool) -> tuple[Job, Queue] | None:
+        """Move the first available job id into this worker's claim list and fetch the job."""
+        ordered = self._ordered_queues
+        names = [queue.name for queue in ordered]
+        claims = [recovery.claim_key(self.name, name) for name in names]
+        assert self._claim_first is not None
+        found = self._claim_first(keys=[q.key for q in ordered] + claims, args=names)
+        if not found and block:
+            job_id = self.connection.blmove(ordered[0].key, claims[0], CLAIM_POLL_SECONDS, "LEFT", "RIGHT")
+            found = [names[0], job_id] if job_id is not None else None
+        if not found:
+            return None
+        queue_name, job_id = as_text(found[0]), as_text(found[1])
+        queue = ordered[names.index(queue_name)]
+        if self._controls.stop or self._controls.paused:  # the signal came while we were waiting
+            self._release_claims()
+            return None
+        try:
+            job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
+        except NoSuchJobError:  # deleted while queued: drop it, as rq does
+            self.connection.lrem(recovery.claim_key(self.name, queue_name), 1, job_id)
+            return None
+        self.reorder_queues(reference_queue=queue)
+        job.redis_server_version = self.get_redis_server_version()
+        self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+        return job, queue
+
+    def _release_claims(self) -> None:
+        moved = recovery.release_claims(self.connection, self.name, self.queues)
+        if moved:
+            self.log.info("Worker %s: put %d claimed job(s) back at the front of a queue", self.name, moved)
+
+    def _wait_while_paused(self) -> None:
+        if not self._controls.paused or self._controls.stop:
+            return
+        self.set_state(WorkerStatus.SUSPENDED)
+        self._set_title("paused")
+        self._context.send({"event": "paused"})
+        self.log.info("Worker %s: paused (SIGUSR2), SIGCONT resumes", self.name)
+        while self._controls.paused and not self._controls.stop:
+            self._heartbeat_if_due()
+            self._recycle_if_due()
+            self._controls.wait(self.dequeue_timeout)
+        if not self._controls.paused:
+            self.log.info("Worker %s: resumed", self.name)
+            self._context.send({"event": "resumed"})
+        self.set_state(WorkerStatus.IDLE)
+        self._set_title(f"idle queues={','.join(self._context.queues)}")
+
+    # --- running a job -------------------------------------------------------------------------
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self._running = Running(job.id, _func_name(job), queue.name, time.time())
+        try:
+            if self._controls.stop:  # it came after the claim: teardown puts the job back
+                raise StopRequested()
+            super().execute_job(job, queue)
+        finally:
+            self._running = None
+            self._interrupts.clear()
+            self._performing = False
+        self._jobs_done += 1
+        self._send_idle()
+        self._recycle_if_due()
+
+    def prepare_execution(self, job: Job) -> Execution:
+        """rq's prepare_execution, plus removing the job from the claim list in the same transaction:
+        from here on the execution (StartedJobRegistry, worker executions) is what names the job."""
+        with self.connection.pipeline() as pipeline:
+            ttl = self.get_heartbeat_ttl(job)
+            execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=self.name)
+            self.executions[execution.id] = execution
+            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
+            pipeline.lrem(recovery.claim_key(self.name, job.origin), 1, job.id)
+            pipeline.execute()
+        self.procline("busy")
+        if not isinstance(self, ForkingWorker):
+            self._send_busy(horse=None)
+        return execution
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        super().fork_work_horse(job, queue)
+        self._send_busy(horse=self.horse_pid)
+        if self._interrupts:  # the signal came before there was a horse to kill
+            self.kill_horse()
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
+        if not self.is_horse:  # SimpleWorker: the job runs in this process from here on
+            self._performing = True
+            kind = self._interrupts.get(job.id)
+            if kind:
+                self._raise_interrupt(kind)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        self._performing = False
+        super().handle_execution_ended(job, queue, heartbeat_ttl)
+
+    def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
+        super().maintain_heartbeats(job, execution)
+        self.procline("busy")  # refresh the elapsed time in the title
+
+    def kill_horse(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """rq kills the horse's process group, but a horse that has not yet run its os.setpgrp() is
+        still in ours, and so may be the supervisor: then kill the horse alone (it has no children
+        yet). A horse that already exited is no error."""
+        pid = self.horse_pid
+        if not pid:
+            return
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        self.log.info("Worker %s: killed horse pid %s", self.name, pid)
+
+    def interrupt_job(self, kind: str) -> None:
+        """Signal handler side of SIGINT / SIGUSR1: kill the horse, or raise inside a SimpleWorker's
+        job. Outside a job it does nothing; the job is settled in handle_job_failure."""
+        running = self._running
+        if running is None:
+            return
+        self._interrupts[running.job_id] = kind
+        if self.horse_pid:
+            self.kill_horse()
+        elif self._performing:
+            self._raise_interrupt(kind)
+
+    def _raise_interrupt(self, kind: str) -> NoReturn:
+        self._performing = False
+        raise JobInterrupted(QUICK_STOP_REASON if kind == QUICK_STOP else KILL_JOB_REASON)
+
+    def handle_job_failure(
+        self,
+        job: Job,
+        queue: Queue,
+        started_job_registry: Any = None,
+        exc_string: str = "",
+        execution: Execution | None = None,
+    ) -> None:
+        """A job we interrupted on SIGINT is requeued or failed by the shared rule; one killed by
+        SIGUSR1 fails (or is retried) the rq way with a reason that names us."""
+        kind = self._interrupts.pop(job.id, None)
+        if kind == QUICK_STOP and execution is not None:
+            outcome = recovery.requeue_or_fail(
+                job,
+                queue,
+                execution,
+                max_requeues=self._context.settings.max_requeues,
+                reason=f"{QUICK_STOP_REASON}\n{exc_string}".rstrip(),
+                requeue=self._context.settings.requeue_interrupted,
+                connection=self.connection,
+                worker_name=self.name,
+            )
+            self.executions.pop(execution.id, None)
+            if outcome in (recovery.FAILED, recovery.RETRIED):
+                self.increment_failed_job_count()
+            return
+        if kind == KILL_JOB:
+            exc_string = f"{KILL_JOB_REASON}\n{exc_string}"
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def _recycle_if_due(self) -> None:
+        if self._controls.stop:
+            return
+        reason = self._recycle_reason()
+        if reason:
+            self.log.info("Worker %s: recycling (%s)", self.name, reason)
+            self._context.send({"event": "recycle", "reason": reason})
+            self._controls.stop = True
+
+    def _recycle_reason(self) -> str | None:
+        settings = self._context.settings
+        if settings.max_jobs is not None and self._jobs_done >= settings.max_jobs:
+            return "max_jobs"
+        if self._context.deadline is not None and time.monotonic() >= self._context.deadline:
+            return "max_lifetime"
+        if settings.max_memory is not None and private_memory() > settings.max_memory:
+            return "max_memory"
+        return None
+
+    def teardown(self) -> None:
+        """Give back what this worker still holds before rq unregisters it: claims to the front of
+        their queues, and any execution left by an error in the loop. If Redis is unreachable this
+        raises, the worker stays registered, and the supervisor's recover_worker settles it."""
+        if not self.is_horse:
+            self._set_title("stopping")
+            self._release_claims()
+            for execution in list(self.executions.values()):
+                self._settle_leftover(execution)
+        super().teardown()
+
+    def _settle_leftover(self, execution: Execution) -> None:
+        job = execution.job
+        queue = self.queue_class(
+            job.origin, connection=self.connection, job_class=self.job_class, serializer=self.serializer
+        )
+        recovery.requeue_or_fail(
+            job,
+            queue,
+            execution,
+            max_requeues=self._context.settings.max_requeues,
+            reason=LEFTOVER_REASON,
+            requeue=True,
+            connection=self.connection,
+            worker_name=self.name,
+        )
+        self.executions.pop(execution.id, None)
+
+
+# --- the process ---------------------------------------------------------------------------------
+
+
+def run_worker(settings: Settings, spec: WorkerSpec, status: socket.socket) -> NoReturn:
+    """Entry point in a freshly forked worker process. Never returns: 0 after a requested stop or a
+    recycle, 70 when the after_fork hook raised, 1 on any other failure."""
+    code = EXIT_FAILED
+    try:
+        code = _serve(settings, spec, status)
+    except BaseException:
+        log.exception("worker[%s] %s failed", spec.slot, spec.name)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+
+
+def _serve(settings: Settings, spec: WorkerSpec, status: socket.socket) -> int:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for signum in _RESET_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    context = _make_context(settings, spec, status)
+    setproctitle(context.title("starting"))
+    status.settimeout(STATUS_SEND_TIMEOUT)
+    os.set_inheritable(status.fileno(), False)
+    os.register_at_fork(after_in_child=context.close_in_child)
+    context.controls.install()
+
+    worker = _connect(context)
+    if worker is None:
+        return EXIT_OK
+    context.controls.worker = worker
+    if settings.hooks.after_fork is not None:
+        try:
+            settings.hooks.after_fork(worker, spec.slot)
+        except BaseException:
+            log.exception("worker[%s]: the after_fork hook raised", context.label)
+            return EXIT_HOOK_FAILED
+    worker.work(
+        logging_level=settings.log_level,
+        with_scheduler=spec.scheduler,
+        dequeue_strategy=DequeueStrategy(settings.dequeue_strategy),
+    )
+    if not context.controls.stop:
+        log.error("worker[%s]: rq's work loop ended without a stop request", context.label)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _make_context(settings: Settings, spec: WorkerSpec, status: socket.socket) -> Context:
+    group = settings.groups[spec.group]
+    label = f"{group.name}:{spec.slot}" if len(settings.groups) > 1 else str(spec.slot)
+    deadline = None
+    if settings.max_lifetime is not None:
+        deadline = time.monotonic() + settings.max_lifetime * random.uniform(0.9, 1.1)
+    return Context(settings, spec, Controls(paused=spec.paused), status, group.queues, label, deadline)
+
+
+def _connect(context: Context) -> StarterMixin | None:
+    """Build the worker on a fresh connection, waiting for Redis with exponential backoff. None when
+    a stop was requested before Redis answered."""
+    url = context.settings.redis_url
+    if not url:
+        raise ValueError("no Redis URL: the supervisor must pass one to its workers")
+    wait = REDIS_BACKOFF_FIRST
+    attempt = 1
+    while not context.controls.stop:
+        try:
+            return build_worker(context)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            log.warning(
+                "worker[%s]: Redis at %s not reachable (attempt %d: %s); retrying in %.1fs",
+                context.label, redact(url), attempt, exc, wait,
+            )  # fmt: skip
+            context.controls.wait(wait)
+            wait = min(wait * 2, REDIS_BACKOFF_MAX)
+            attempt += 1
+    return None
+
+
+def build_worker(context: Context) -> StarterMixin:
+    """The configured rq worker class with StarterMixin on top, on its own Redis connection."""
+    settings = context.settings
+    user_class = import_attribute(settings.worker_class)
+    if not (isinstance(user_class, type) and issubclass(user_class, BaseWorker)):
+        raise TypeError(f"{settings.worker_class} is not an rq worker class")
+    worker_class = type("StarterWorker", (StarterMixin, user_class), {})
+    assert settings.redis_url
+    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT)
+    tunables = {
+        "worker_ttl": settings.worker_ttl,
+        "job_monitoring_interval": settings.job_monitoring_interval,
+        "maintenance_interval": settings.maintenance_interval,
+        "default_result_ttl": settings.result_ttl,
+    }
+    return worker_class(
+        list(context.queues),
+        name=context.spec.name,
+        connection=connection,
+        job_class=settings.job_class,
+        queue_class=settings.queue_class,
+        serializer=settings.serializer,
+        context=context,
+        **{key: value for key, value in tunables.items() if value is not None},
+    )
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
