@@ -10,11 +10,16 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import RedisServer, wait_for
 from rq import Queue, Retry, Worker
 from rq.command import send_shutdown_command
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+import resque_starter.worker as worker_module
+from resque_starter.config import Group, Hooks
+from resque_starter.recovery import REQUEUES_META_KEY, claim_key, recover_worker
+
+from conftest import RedisServer, wait_for
 from worker_harness import (
     WorkerProcess,
     claim_keys,
@@ -24,10 +29,6 @@ from worker_harness import (
     proctitle,
     worker_processes,
 )
-
-import resque_starter.worker as worker_module
-from resque_starter.config import Group, Hooks
-from resque_starter.recovery import REQUEUES_META_KEY, claim_key, recover_worker
 
 BOTH_CLASSES = pytest.mark.parametrize("worker_class", ["rq.Worker", "rq.SimpleWorker"])
 Start = Callable[..., WorkerProcess]

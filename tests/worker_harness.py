@@ -16,11 +16,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
-from conftest import wait_for
 
 from resque_starter.config import Group, Settings
 from resque_starter.protocol import LineBuffer, WorkerSpec
 from resque_starter.worker import run_worker
+
+from conftest import wait_for
 
 
 @dataclass
