@@ -45,7 +45,14 @@ class EmbeddedRedis:
             "warning",
         ]
         # its own process group, so a terminal's Ctrl-C does not take Redis away from draining workers
-        self.pid = os.posix_spawn(binary, argv, os.environ, setpgroup=0)
+        log_file = os.path.join(self.run_dir, "redis.log")  # its banner and warnings, out of our log stream
+        self.pid = os.posix_spawn(
+            binary,
+            argv,
+            os.environ,
+            setpgroup=0,
+            file_actions=[(os.POSIX_SPAWN_OPEN, 1, log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)],
+        )
         client = redis.Redis(unix_socket_path=self.socket, socket_timeout=1)
         deadline = time.monotonic() + 10
         while True:

@@ -188,6 +188,8 @@ def _double_fork(sock: socket.socket, target: Callable[[], None], close: list[in
 def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int) -> None:
     from resque_starter.worker import run_worker
 
+    group = settings.groups[spec.group]
+    logs.set_role(f"worker[{group.name}:{spec.slot}]" if len(settings.groups) > 1 else f"worker[{spec.slot}]")
     run_worker(settings, spec, socket.socket(fileno=status_fd))
 
 

@@ -13,6 +13,7 @@ import time
 import redis
 from rq import Queue
 
+from resque_starter import logs
 from resque_starter.config import Settings
 
 log = logging.getLogger("resque_starter.demo")
@@ -27,6 +28,7 @@ def start_in_background(settings: Settings) -> int:
         return pid
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        logs.set_role("demo producer")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if os.getppid() == parent:
             run(
