@@ -537,6 +537,13 @@ class StarterMixin:
                 self._settle_leftover(execution)
         super().teardown()
 
+    def unsubscribe(self) -> None:
+        """Stop the pubsub thread before unsubscribing, so the UNSUBSCRIBE reply wakes it into a loop
+        that ends: rq's order leaves it blocked for its 60 s read, and every stop waits out join(1)."""
+        if self.pubsub_thread:
+            self.pubsub_thread.stop()
+        super().unsubscribe()
+
     def _settle_leftover(self, execution: Execution) -> None:
         job = execution.job
         queue = self.queue_class(
