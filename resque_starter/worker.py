@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from rq.command import parse_payload
@@ -44,7 +43,7 @@ from rq.worker import Worker as ForkingWorker
 from setproctitle import setproctitle
 
 from resque_starter import protocol, recovery
-from resque_starter.config import Settings
+from resque_starter.config import Settings, mask_url
 from resque_starter.protocol import WorkerSpec
 
 log = logging.getLogger("resque_starter.worker")
@@ -635,7 +634,7 @@ def _connect(context: Context) -> StarterMixin | None:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             log.warning(
                 "worker[%s]: Redis at %s not reachable (attempt %d: %s); retrying in %.1fs",
-                context.label, redact(url), attempt, exc, wait,
+                context.label, mask_url(url), attempt, exc, wait,
             )  # fmt: skip
             context.controls.wait(wait)
             wait = min(wait * 2, REDIS_BACKOFF_MAX)
@@ -668,12 +667,3 @@ def build_worker(context: Context) -> StarterMixin:
         context=context,
         **{key: value for key, value in tunables.items() if value is not None},
     )
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
