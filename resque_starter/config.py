@@ -7,6 +7,7 @@ The supervisor reads these and never imports the application; the config file is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import importlib
 import keyword
@@ -42,10 +43,12 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Group:
-    """A set of worker slots sharing one queue list, in priority order."""
+    """A set of worker slots sharing one queue list, in priority order, and the settings its workers
+    run with instead of the global ones (`group_overrides` in the config file), as (field, value)."""
 
     queues: tuple[str, ...]
     size: int
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
@@ -96,6 +99,10 @@ class Settings:
     metrics_port: int | None = None
     hooks: Hooks = field(default_factory=Hooks)
 
+    def for_group(self, index: int) -> Settings:
+        """The settings the workers of group `index` run with: the global ones, then its overrides."""
+        return dataclasses.replace(self, **dict(self.groups[index].overrides))
+
     def describe(self) -> dict[str, Any]:
         """The settings as JSON-ready data for logs and `ctl status`: password masked, hooks by name."""
         shown: dict[str, Any] = {}
@@ -106,11 +113,18 @@ class Settings:
             elif f.name == "hooks":
                 value = [name for name in HOOK_NAMES if getattr(value, name) is not None]
             elif f.name == "groups":
-                value = [{"queues": list(g.queues), "size": g.size} for g in value]
+                value = [_describe_group(g) for g in value]
             elif isinstance(value, tuple):
                 value = list(value)
             shown[f.name] = value
         return shown
+
+
+def _describe_group(group: Group) -> dict[str, Any]:
+    shown: dict[str, Any] = {"queues": list(group.queues), "size": group.size}
+    if group.overrides:
+        shown["overrides"] = dict(group.overrides)
+    return shown
 
 
 HOOK_NAMES = tuple(f.name for f in fields(Hooks))
@@ -358,7 +372,15 @@ def _groups(value: object) -> tuple[Group, ...]:
         pairs = []
     if not pairs:
         raise _Invalid("groups of QUEUES=SIZE separated by semicolons, such as high,default=3; low=1")
-    return tuple(_group(number, *pair) for number, pair in enumerate(pairs, 1))
+    groups: list[Group] = []
+    for number, pair in enumerate(pairs, 1):
+        group = _group(number, *pair)
+        for earlier, other in enumerate(groups, 1):
+            if other.queues == group.queues:
+                same = f"the same queues as group {earlier}; merge their sizes"
+                raise _Invalid(f"group {number} {pair[0]!r}: {same}")
+        groups.append(group)
+    return tuple(groups)
 
 
 def _group(number: int, shown: str, queues: object, size: object) -> Group:
@@ -471,6 +493,9 @@ def load(flags: Mapping[str, object], environ: Mapping[str, str]) -> Settings:
     values = {field: _parse(_BY_FIELD[field], raw) for field, raw in raws.items() if raw is not None}
     values["config"] = path
     values["groups"] = _groups_of(values, raws)
+    if "group_overrides" in file_values:
+        assert path is not None
+        values["groups"] = _override_groups(values["groups"], file_values["group_overrides"], path)
     values["concurrency"] = sum(group.size for group in values["groups"])
     values["queues"] = values["groups"][0].queues
     if values.get("redis_url") is None and values.get("require_redis_url"):
@@ -516,12 +541,57 @@ def _groups_of(values: dict[str, Any], raws: Mapping[str, _Raw | None]) -> tuple
     return values["groups"]
 
 
+# Settings a group may set for its own workers (`group_overrides` in the config file).
+OVERRIDABLE = ("worker_class", "max_jobs", "max_lifetime", "max_memory")
+_OVERRIDES_SHAPE = (
+    "a dict of group name to a dict of settings, such as "
+    "{'low': {'worker_class': 'rq.SimpleWorker', 'max_jobs': 100}}"
+)
+
+
+def override_label(group: str, setting: str, path: str | None) -> str:
+    """How an error names one override: group_overrides['low']['max_jobs'] (in conf.py)."""
+    return f"group_overrides[{group!r}][{setting!r}] (in {path})"
+
+
+def _override_groups(groups: tuple[Group, ...], given: object, path: str) -> tuple[Group, ...]:
+    """Attach `group_overrides` to the groups; each key names a group as `ctl status` shows it."""
+    label = f"group_overrides (in {path})"
+    if not isinstance(given, dict):
+        raise ConfigError(label, given, _OVERRIDES_SHAPE)
+    index_of = {group.queues: index for index, group in enumerate(groups)}
+    overrides: dict[int, tuple[tuple[str, Any], ...]] = {}
+    for key, settings in given.items():
+        try:
+            index = index_of.get(_queues(key))
+        except _Invalid:
+            index = None
+        if index is None:
+            raise ConfigError(label, key, "keys are group names: " + "; ".join(g.name for g in groups))
+        name = groups[index].name
+        if index in overrides:
+            raise ConfigError(label, key, f"group {name} is listed twice")
+        if not isinstance(settings, dict):
+            allowed = "a dict of settings among " + ", ".join(OVERRIDABLE)
+            raise ConfigError(f"group_overrides[{name!r}] (in {path})", settings, allowed)
+        overrides[index] = tuple(_override(name, setting, value, path) for setting, value in settings.items())
+    return tuple(dataclasses.replace(g, overrides=overrides.get(i, ())) for i, g in enumerate(groups))
+
+
+def _override(group: str, setting: object, value: object, path: str) -> tuple[str, Any]:
+    if setting not in OVERRIDABLE:
+        allowed = "a group may override " + ", ".join(OVERRIDABLE)
+        raise ConfigError(f"group_overrides[{group!r}] (in {path})", setting, allowed)
+    assert isinstance(setting, str)
+    return setting, _parse(_BY_FIELD[setting], _Raw(override_label(group, setting, path), value))
+
+
 def _read_config_file(path: str, label: str) -> tuple[dict[str, object], Hooks]:
     """Run the file; take its lowercase settings and hooks, and flag near-misses of their names."""
     namespace = _run_config_file(path, label)
     values: dict[str, object] = {}
     hooks: dict[str, Any] = {}
-    known = [*_BY_FIELD, *HOOK_NAMES]
+    known = [*_BY_FIELD, "group_overrides", *HOOK_NAMES]
     for name, value in namespace.items():
         if name.startswith("_") or isinstance(value, types.ModuleType):
             continue
@@ -531,7 +601,7 @@ def _read_config_file(path: str, label: str) -> tuple[dict[str, object], Hooks]:
             hooks[name] = value
         elif name == "config":
             raise ConfigError(label, path, "the config file cannot name another config file")
-        elif name in _BY_FIELD:
+        elif name in _BY_FIELD or name == "group_overrides":
             if value is not None:
                 values[name] = value
         elif name.lower() in known:

@@ -25,7 +25,7 @@ from typing import NoReturn
 from setproctitle import setproctitle
 
 from resque_starter import logs, protocol
-from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings
+from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings, override_label
 from resque_starter.protocol import WorkerSpec
 
 log = logging.getLogger("resque_starter.mold")
@@ -82,12 +82,16 @@ def _preload(settings: Settings) -> tuple[int, str] | None:
             return _app_failure(f"importing {module}")
         except BaseException:
             return _app_failure(f"importing {module}")
-    for variable, path in (
+    classes = [
         ("RESQUE_STARTER_WORKER_CLASS", settings.worker_class),
         ("RESQUE_STARTER_JOB_CLASS", settings.job_class),
         ("RESQUE_STARTER_QUEUE_CLASS", settings.queue_class),
         ("RESQUE_STARTER_SERIALIZER", settings.serializer),
-    ):
+    ]
+    for group in settings.groups:
+        worker_class = dict(group.overrides).get("worker_class")
+        classes.append((override_label(group.name, "worker_class", settings.config), worker_class))
+    for variable, path in classes:
         if path is not None:
             try:
                 import_object(path)

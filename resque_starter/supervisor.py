@@ -320,14 +320,19 @@ class Supervisor:
             return
         if new.redis_url is None:
             new = dataclasses.replace(new, redis_url=self.settings.redis_url)
-        if [g.queues for g in new.groups] != [g.queues for g in self.settings.groups]:
-            self.sizes = [g.size for g in new.groups]
+        self.sizes = self._sizes_after_reload(new)
         self.settings = new
         self._generations += 1
         self.generation = self._generations
         self.reloads += 1
         self.reload_error = None
         log.info("reload: starting generation %d", self.generation)
+
+    def _sizes_after_reload(self, new: Settings) -> list[int]:
+        """Groups match by name: one keeps the size it was scaled to (TTIN, `ctl scale`) unless the
+        reload changed its configured size; a new group starts at its configured size."""
+        old = {g.name: (g.size, self.sizes[i]) for i, g in enumerate(self.settings.groups)}
+        return [old[g.name][1] if g.name in old and old[g.name][0] == g.size else g.size for g in new.groups]
 
     # ----------------------------------------------------------------- reconcile
 
@@ -720,9 +725,7 @@ class Supervisor:
             started = job.get("started")
             workers.append(
                 {
-                    "group": self.settings.groups[w.spec.group].name
-                    if w.spec.group < len(self.settings.groups)
-                    else str(w.spec.group),
+                    "group": ",".join(w.queues),  # as spawned: a reload may renumber the groups
                     "slot": w.spec.slot,
                     "pid": w.pid,
                     "generation": w.spec.generation,
@@ -780,8 +783,8 @@ class Supervisor:
     # ----------------------------------------------------------------- small helpers
 
     def _slot_label(self, w: Worker) -> str:
-        if len(self.settings.groups) > 1 and w.spec.group < len(self.settings.groups):
-            return f"{self.settings.groups[w.spec.group].name}:{w.spec.slot}"
+        if len(self.settings.groups) > 1:
+            return f"{','.join(w.queues)}:{w.spec.slot}"
         return str(w.spec.slot)
 
     def _title(self) -> str:

@@ -565,11 +565,12 @@ class StarterMixin:
 
 
 def run_worker(settings: Settings, spec: WorkerSpec, status: socket.socket) -> NoReturn:
-    """Entry point in a freshly forked worker process. Never returns: 0 after a requested stop or a
-    recycle, 70 when the after_fork hook raised, 1 on any other failure."""
+    """Entry point in a freshly forked worker process, run with its group's settings (worker class and
+    recycling limits may differ per group). Never returns: 0 after a requested stop or a recycle, 70 when
+    the after_fork hook raised, 1 on any other failure."""
     code = EXIT_FAILED
     try:
-        code = _serve(settings, spec, status)
+        code = _serve(settings.for_group(spec.group), spec, status)
     except BaseException:
         log.exception("worker[%s] %s failed", spec.slot, spec.name)
     finally:

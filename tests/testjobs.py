@@ -52,6 +52,16 @@ def pid() -> int:
     return os.getpid()
 
 
+_HOARD: list[bytes] = []
+
+
+def hoard(megabytes: int) -> int:
+    """Keep `megabytes` of written (so private, counted in USS) memory in the process running the job:
+    under rq.SimpleWorker that is the worker itself, which max_memory then recycles."""
+    _HOARD.append(b"\x01" * (megabytes << 20))
+    return os.getpid()
+
+
 class CountingWorker(Worker):
     """A user's own worker class: resque-starter must layer over it, not replace it."""
 
