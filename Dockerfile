@@ -19,11 +19,12 @@ RUN /opt/venv/bin/pip install --no-cache-dir . \
     && /opt/venv/bin/python -c "import resque_starter"
 
 FROM ${BASE_IMAGE}
-# redis-server: the demo's embedded Redis. tini: NOT our init (it drops TTIN/TTOU); it is here for
-# job code that runs subprocess trees (`tini -s -- cmd`). Versions follow the base's Debian release.
+# redis-server: the demo's embedded Redis. procps: `kill -TTIN 1` and `ps` via docker/kubectl exec.
+# tini: NOT our init (it drops TTIN/TTOU); it is here for job code that runs subprocess trees
+# (`tini -s -- cmd`). Versions follow the base's Debian release, so they are not pinned here.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends redis-server tini \
+    && apt-get install -y --no-install-recommends procps redis-server tini \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 resque \

@@ -1,0 +1,216 @@
+"""Fixtures for the container tests: a Docker engine, a locally built base image, the image under
+test (built once per session), containers run with host networking, and the compose stack.
+
+The tests skip only when no Docker engine answers (`docker info`); anything else that goes wrong
+(no base image can be built, the image does not build) fails them. docker/ci-setup.sh starts an
+engine and builds the base image; without a registry the base image is debootstrapped here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RedisServer, free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = os.environ.get("RESQUE_STARTER_TEST_IMAGE", "resque-starter:test")
+BASE_IMAGE = os.environ.get("RESQUE_STARTER_BASE_IMAGE", "resque-starter-base:bookworm")
+JOBS_MODULE = ROOT / "tests" / "testjobs.py"
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+
+
+def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def engine_error() -> str | None:
+    """Why no Docker engine can be reached, or None when one answers."""
+    if shutil.which("docker") is None:
+        return "the docker CLI is not installed"
+    try:
+        result = docker("info", "--format", "{{.ServerVersion}}", check=False, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "docker info timed out"
+    return None if result.returncode == 0 else result.stderr.strip()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def docker_engine() -> None:
+    error = engine_error()
+    if error:
+        pytest.skip(f"no Docker engine can be reached ({error}); docker/ci-setup.sh starts one")
+
+
+def image_exists(tag: str) -> bool:
+    return docker("image", "inspect", tag, check=False).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def base_image() -> str:
+    """The base to build on: cached by tag, else debootstrapped (no registry to pull from here)."""
+    if not image_exists(BASE_IMAGE):
+        result = subprocess.run(
+            ["bash", str(ROOT / "docker" / "build-base-image.sh"), BASE_IMAGE],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
+        )
+        if result.returncode != 0:
+            pytest.fail(f"cannot build base image {BASE_IMAGE}:\n{result.stdout}\n{result.stderr}")
+    return BASE_IMAGE
+
+
+@pytest.fixture(scope="session")
+def image(base_image: str) -> str:
+    """The image under test, built from this checkout once per session, as a user would."""
+    proxies = [arg for var in PROXY_VARS if var in os.environ for arg in ("--build-arg", var)]
+    result = subprocess.run(
+        [
+            "docker",
+            "build",
+            "--network",
+            "host",
+            "--build-arg",
+            f"BASE_IMAGE={base_image}",
+            *proxies,
+            "-t",
+            IMAGE,
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"docker build failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return IMAGE
+
+
+class Container:
+    """One `docker run -d --network host` container, removed at teardown."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def logs(self) -> str:
+        result = docker("logs", self.name, check=False)
+        return result.stdout + result.stderr
+
+    def exec(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return docker("exec", self.name, *command, check=check)
+
+    def inspect(self, template: str) -> str:
+        return docker("inspect", "--format", template, self.name).stdout.strip()
+
+    def running(self) -> bool:
+        return self.inspect("{{.State.Running}}") == "true"
+
+    def processes(self) -> list[tuple[int, int, str, str]]:
+        """(pid, ppid, state, args) of every process in the container, as the host's ps sees them."""
+        rows = docker("top", self.name, "-o", "pid,ppid,stat,args").stdout.splitlines()[1:]
+        return [(int(r.split()[0]), int(r.split()[1]), r.split()[2], " ".join(r.split()[3:])) for r in rows]
+
+    def wait(self, predicate: Callable[[], object], what: str, timeout: float = 30) -> object:
+        """conftest.wait_for, failing with the container's logs so a failure explains itself."""
+        try:
+            return wait_for(predicate, timeout=timeout, interval=0.1, what=what)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n--- logs of {self.name} ---\n{self.logs()[-6000:]}") from None
+
+    def remove(self) -> None:
+        docker("rm", "-f", "-v", self.name, check=False)
+
+
+@pytest.fixture
+def run_container(image: str) -> Iterator[Callable[..., Container]]:
+    """run_container(*args, env={...}, docker_args=[...]): start the image with host networking."""
+    started: list[Container] = []
+
+    def run(*args: str, env: dict[str, str] | None = None, docker_args: tuple[str, ...] = ()) -> Container:
+        container = Container(f"resque-starter-test-{uuid.uuid4().hex[:10]}")
+        started.append(container)
+        env_args = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
+        docker(
+            "run", "-d", "--name", container.name, "--network", "host", *env_args, *docker_args, image, *args
+        )
+        return container
+
+    yield run
+    for container in started:
+        container.remove()
+
+
+@pytest.fixture
+def worker_env(redis_server: RedisServer) -> dict[str, str]:
+    """Settings for a supervisor that works for the host's Redis on jobs from tests/testjobs.py."""
+    return {
+        "REDIS_URL": redis_server.url,
+        "RESQUE_STARTER_APP": "testjobs",
+        "PYTHONPATH": "/jobs",
+        "RESQUE_STARTER_CONCURRENCY": "1",
+        "RESQUE_STARTER_QUEUES": "default",
+        "RESQUE_STARTER_DRAIN_TIMEOUT": "3",
+    }
+
+
+JOBS_MOUNT = ("-v", f"{JOBS_MODULE}:/jobs/testjobs.py:ro")
+
+
+# --- compose (pytest-docker) ---
+
+
+def compose_command() -> str:
+    """The compose v2 plugin when there is one, else docker-compose (v1, what Debian ships)."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode == 0:
+        return "docker compose"
+    if shutil.which("docker-compose"):
+        return "docker-compose"
+    pytest.fail("neither `docker compose` nor docker-compose is installed (docker/ci-setup.sh installs one)")
+
+
+@pytest.fixture(scope="session")
+def docker_compose_command() -> str:
+    return compose_command()
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> list[str]:
+    return [str(ROOT / "compose" / "compose.yaml"), str(ROOT / "compose" / "compose.host-network.yaml")]
+
+
+@pytest.fixture(scope="session")
+def compose_redis_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def docker_setup(image: str, compose_redis_port: int) -> Iterator[list[str]]:
+    """`up -d` on the image built above (no --build: nothing to pull or rebuild), with a producer
+    that enqueues a fixed number of demo jobs and exits 0 only when all of them finished."""
+    settings = {
+        "RESQUE_STARTER_IMAGE": image,
+        "REDIS_PORT": str(compose_redis_port),
+        "PRODUCER_JOBS": "5",
+        "PRODUCER_WAIT": "1",
+        "PRODUCER_INTERVAL": "0",
+        "PRODUCER_TIMEOUT": "60",
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield ["up -d"]
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
