@@ -117,9 +117,19 @@ class Container:
         return self.inspect("{{.State.Running}}") == "true"
 
     def processes(self) -> list[tuple[int, int, str, str]]:
-        """(pid, ppid, state, args) of every process in the container, as the host's ps sees them."""
-        rows = docker("top", self.name, "-o", "pid,ppid,stat,args").stdout.splitlines()[1:]
-        return [(int(r.split()[0]), int(r.split()[1]), r.split()[2], " ".join(r.split()[3:])) for r in rows]
+        """(pid, ppid, state, args) of every process in the container's PID namespace, but this ps.
+
+        ps runs inside (procps is in the image): `docker top` cannot show zombies, which have
+        already left the container's cgroup."""
+        rows = [
+            line.split(None, 3)
+            for line in self.exec("ps", "-eo", "pid=,ppid=,stat=,args=").stdout.splitlines()
+        ]
+        return [
+            (int(pid), int(ppid), stat, args)
+            for pid, ppid, stat, args in rows
+            if not args.startswith("ps -eo")
+        ]
 
     def wait(self, predicate: Callable[[], object], what: str, timeout: float = 30) -> object:
         """conftest.wait_for, failing with the container's logs so a failure explains itself."""

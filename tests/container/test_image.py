@@ -44,7 +44,7 @@ def test_runs_as_non_root(run_container: Run, worker_env: dict[str, str], conn: 
     assert container.inspect("{{.Config.User}}").split(":")[0] == "10001"
     uids = {line.split()[1] for line in container.exec("grep", "^Uid:", "/proc/1/status").stdout.splitlines()}
     assert uids == {"10001"}, "PID 1 must run as uid 10001 (real, effective, saved, fs)"
-    users = docker("top", container.name, "-o", "uid").stdout.split()[1:]
+    users = [row.split()[1] for row in docker("top", container.name, "-o", "pid,uid").stdout.splitlines()[1:]]
     assert users and set(users) == {"10001"}, f"processes of other users in the container: {users}"
 
 
