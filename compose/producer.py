@@ -1,6 +1,7 @@
 """Enqueue example jobs for the compose demo, by dotted name so the producer never imports the app.
 
-Environment: REDIS_URL; PRODUCER_JOB (dotted function) and PRODUCER_ARGS (a JSON list);
+Environment: REDIS_URL; PRODUCER_JOB (dotted function) and PRODUCER_ARGS (a JSON list; unset, each
+job gets its sequence number);
 PRODUCER_QUEUE; PRODUCER_JOBS (how many, 0 = until stopped) every PRODUCER_INTERVAL seconds;
 PRODUCER_WAIT=1 waits for the jobs and exits 0 only when every one finished (within PRODUCER_TIMEOUT).
 """
@@ -18,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
 from rq.job import Job, JobStatus
 
-DEFAULT_JOB = "resque_starter.demo.tasks.example"
+DEFAULT_JOB = "resque_starter.demo.tasks.resize_image"
 POLL = 0.2
 
 
@@ -40,12 +41,13 @@ def connect(url: str, timeout: float) -> Redis:
             time.sleep(POLL)
 
 
-def produce(queue: Queue, job: str, args: list[object], count: int, interval: float) -> list[Job]:
+def produce(queue: Queue, job: str, args: list[object] | None, count: int, interval: float) -> list[Job]:
     jobs: list[Job] = []
     while count == 0 or len(jobs) < count:
-        enqueued = queue.enqueue(job, *args)
+        job_args = [len(jobs)] if args is None else args
+        enqueued = queue.enqueue(job, *job_args)
         jobs.append(enqueued)
-        log(f"enqueued {job}{tuple(args)} as {enqueued.id} ({len(jobs)})")
+        log(f"enqueued {job}{tuple(job_args)} as {enqueued.id}")
         if interval:
             time.sleep(interval)
     return jobs
@@ -77,7 +79,7 @@ def main() -> int:
     jobs = produce(
         queue,
         os.environ.get("PRODUCER_JOB", DEFAULT_JOB),
-        json.loads(os.environ.get("PRODUCER_ARGS", "[]")),
+        json.loads(os.environ["PRODUCER_ARGS"]) if "PRODUCER_ARGS" in os.environ else None,
         int(os.environ.get("PRODUCER_JOBS", "0")),
         float(os.environ.get("PRODUCER_INTERVAL", "0")),
     )

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import RedisServer, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,10 +9,11 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from conftest import wait_for
 from pytest_docker.plugin import Services
 from rq import Queue
 from rq.registry import FinishedJobRegistry
+
+from conftest import wait_for
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
 
