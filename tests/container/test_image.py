@@ -65,9 +65,10 @@ def test_ctl_status_through_docker_exec(
     text = container.exec("resque-starter", "ctl", "status")
     assert text.returncode == 0 and text.stdout.strip(), text.stderr
     status = json.loads(container.exec("resque-starter", "ctl", "status", "--json").stdout)
-    assert status, "ctl status --json returned nothing"
-    titles = [args for _, _, _, args in container.processes()]
-    assert any("worker[0]" in title for title in titles), f"no worker[0] process title in {titles}"
+    assert status["pid"] == 1, "the supervisor answering is not PID 1"
+    assert status["app"] == ["testjobs"]
+    pids = {pid for pid, _, _, _ in container.processes()}
+    assert [w["pid"] in pids for w in status["workers"]] == [True], status["workers"]
 
 
 def test_ctl_health_and_docker_healthcheck(
