@@ -16,7 +16,7 @@ RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY . .
 RUN /opt/venv/bin/pip install --no-cache-dir . \
-    && /opt/venv/bin/python -c "import resque_starter"
+    && /opt/venv/bin/resque-starter --version
 
 FROM ${BASE_IMAGE}
 # redis-server: the demo's embedded Redis. procps: `kill -TTIN 1` and `ps` via docker/kubectl exec.

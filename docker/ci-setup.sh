@@ -19,7 +19,8 @@ have_compose() { docker compose version >/dev/null 2>&1 || command -v docker-com
 install_missing() {
     local packages=()
     command -v dockerd >/dev/null 2>&1 || packages+=(docker.io)
-    command -v debootstrap >/dev/null 2>&1 || packages+=(debootstrap)
+    # debian-archive-keyring: debootstrap verifies Debian suites with it on non-Debian hosts too.
+    command -v debootstrap >/dev/null 2>&1 || packages+=(debootstrap debian-archive-keyring)
     if ! have_compose; then packages+=(docker-compose); fi
     ((${#packages[@]})) || return 0
     log "apt-get install ${packages[*]}"
