@@ -38,6 +38,20 @@ def test_supervisor_is_pid_1_and_processes_jobs_from_the_host_redis(
     assert "resque-starter" in container.exec("cat", "/proc/1/cmdline").stdout.replace("\0", " ")
 
 
+def test_runs_as_the_k8s_pod_does(run_container: Run, worker_env: dict[str, str], conn: redis.Redis) -> None:
+    """As k8s/deployment.yaml runs it: read-only root, only the run dir and /tmp writable, no capabilities."""
+    run_dir = "/run/resque-starter"
+    pod_like = (
+        "--read-only", "--tmpfs", f"{run_dir}:uid=10001,gid=10001,mode=0700", "--tmpfs", "/tmp",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+    )  # fmt: skip
+    container = run_container("run", env=worker_env, docker_args=(*JOBS_MOUNT, *pod_like))
+    container.wait(lambda: Worker.count(connection=conn) == 1, "a worker registered")
+    job = Queue("default", connection=conn).enqueue("testjobs.record", "pod")
+    container.wait(lambda: records(conn, "pod") == [job.id.encode()], "the job processed")
+    assert container.exec("resque-starter", "ctl", "health", "--ready", check=False).returncode == 0
+
+
 def test_runs_as_non_root(run_container: Run, worker_env: dict[str, str], conn: redis.Redis) -> None:
     container = start_worker(run_container, worker_env, conn)
     assert container.inspect("{{.Config.User}}").split(":")[0] == "10001"
