@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RedisServer, free_port, wait_for
+from conftest import RedisServer, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("RESQUE_STARTER_TEST_IMAGE", "resque-starter:test")
@@ -176,52 +176,3 @@ def worker_env(redis_server: RedisServer) -> dict[str, str]:
 
 
 JOBS_MOUNT = ("-v", f"{JOBS_MODULE}:/jobs/testjobs.py:ro")
-
-
-# --- compose (pytest-docker) ---
-
-
-def compose_command() -> str:
-    """The compose v2 plugin when there is one, else docker-compose (v1, what Debian ships)."""
-    if subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode == 0:
-        return "docker compose"
-    if shutil.which("docker-compose"):
-        return "docker-compose"
-    pytest.fail("neither `docker compose` nor docker-compose is installed (docker/ci-setup.sh installs one)")
-
-
-@pytest.fixture(scope="session")
-def docker_compose_command() -> str:
-    return compose_command()
-
-
-@pytest.fixture(scope="session")
-def docker_compose_file() -> list[str]:
-    return [str(ROOT / "compose" / "compose.yaml"), str(ROOT / "compose" / "compose.host-network.yaml")]
-
-
-@pytest.fixture(scope="session")
-def compose_redis_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="session")
-def docker_setup(image: str, compose_redis_port: int) -> Iterator[list[str]]:
-    """`up -d` on the image built above (no --build: nothing to pull or rebuild), with a producer
-    that enqueues a fixed number of demo jobs and exits 0 only when all of them finished."""
-    settings = {
-        "RESQUE_STARTER_IMAGE": image,
-        "REDIS_PORT": str(compose_redis_port),
-        "PRODUCER_JOBS": "5",
-        "PRODUCER_WAIT": "1",
-        "PRODUCER_INTERVAL": "0",
-        "PRODUCER_TIMEOUT": "60",
-    }
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    yield ["up -d"]
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
