@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("resque_starter.control")
 
 SOCKET_NAME = "control.sock"
+MAX_CLIENTS = 32  # connections held at once; the oldest is dropped, so idle clients cannot use up fds
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -58,8 +59,10 @@ class ControlServer:
     def _accept(self, sock: socket.socket) -> None:
         try:
             conn, _ = sock.accept()
-        except BlockingIOError:
+        except OSError:  # nothing to accept, or out of fds: the next connection tries again
             return
+        if len(self._clients) >= MAX_CLIENTS:
+            self._drop(next(iter(self._clients)))
         conn.setblocking(False)
         self._clients[conn] = protocol.LineBuffer()
         self._selector.register(conn, selectors.EVENT_READ, self._read)
@@ -135,13 +138,13 @@ def dispatch(sup: Supervisor, request: dict[str, Any]) -> dict[str, Any]:
     if cmd == "status":
         return {"ok": True, "status": sup.status()}
     if cmd == "health":
-        return health(sup, str(request.get("check", "live")))
+        return health(sup, request.get("check", "live"))
     if cmd == "scale":
         return scale(sup, request.get("n"), request.get("group"))
-    if cmd == "pause":
-        sup.paused = True
+    if cmd in ("pause", "drain"):
+        sup.pause(True, drain=cmd == "drain")
     elif cmd == "resume":
-        sup.paused = False
+        sup.pause(False)
     elif cmd == "reload":
         sup.request_reload()
         if sup.reload_error:
@@ -177,11 +180,14 @@ def scale(sup: Supervisor, n: object, group: object) -> dict[str, Any]:
     return {"ok": True, "group": names[index], "size": size}
 
 
-def health(sup: Supervisor, check: str) -> dict[str, Any]:
-    """live: the loop answers and a mold serves; ready: a worker is registered and Redis answers."""
+def health(sup: Supervisor, check: object) -> dict[str, Any]:
+    """live: the loop answers and a mold serves; ready: also not stopping, a worker registered with rq
+    and Redis answering. A paused (or draining) supervisor stays ready: it is healthy, just idle."""
     live = any(m.ready for m in sup.molds.values()) or sup.serving_generation > 0
     if check == "live":
         return {"ok": live, "live": live}
+    if check != "ready":
+        return {"ok": False, "error": f"health checks are 'live' and 'ready', not {check!r}"}
     ready_workers = sum(1 for w in sup.workers.values() if w.ready and w.stop_level is None)
     redis_ok = sup.redis_answers()
     ok = live and ready_workers > 0 and redis_ok and sup.stop_level is None
@@ -208,10 +214,7 @@ def request(run_dir: str, message: dict[str, Any], timeout: float = 10.0) -> dic
             f"no supervisor is running here: no control socket at {path} (RESQUE_STARTER_RUN_DIR={run_dir})"
         ) from None
     except PermissionError:
-        owner = _owner(path)
-        raise ControlError(
-            f"permission denied on {path}: it belongs to {owner}; run ctl as that user"
-        ) from None
+        raise ControlError(f"permission denied on {path}: {_owner(path)}; run ctl as that user") from None
     except ConnectionRefusedError:
         raise ControlError(
             f"no supervisor answers on {path} (the stale socket of a dead supervisor)"
@@ -230,25 +233,37 @@ def request(run_dir: str, message: dict[str, Any], timeout: float = 10.0) -> dic
 
 
 def _owner(path: str) -> str:
+    """Who owns the socket, or the nearest directory above it we may look at (a 0700 run dir)."""
+    current = path
+    while True:
+        try:
+            uid = os.stat(current).st_uid
+            break
+        except OSError:
+            parent = os.path.dirname(current)
+            if parent == current:
+                return "it belongs to another user"
+            current = parent
     try:
-        uid = os.stat(path).st_uid
-    except OSError:
-        return "another user"
-    try:
-        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+        name = f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:
-        return f"uid {uid}"
+        name = f"uid {uid}"
+    return f"{'it' if current == path else current} belongs to {name}"
 
 
 def format_status(status: dict[str, Any]) -> str:
     """The readable table of `ctl status`."""
-    flags = ("PAUSED  " if status["paused"] else "") + (
-        f"STOPPING ({status['stopping']})  " if status["stopping"] else ""
-    )
+    if status["stopping"]:
+        flags = f"STOPPING ({status['stopping']})  "
+    else:
+        flags = "DRAINING  " if status["draining"] else "PAUSED  " if status["paused"] else ""
+    jobs = status["jobs"]
     lines = [
         f"supervisor pid {status['pid']}  up {_age(status['uptime'])}  generation {status['generation']}  "
         f"{flags}redis {status['redis_url']}  app {','.join(status['app']) or '-'}",
         "groups: " + "; ".join(f"{g['name']}={g['size']}" for g in status["groups"]),
+        f"jobs: {jobs['done']} done, {jobs['failed']} failed, {jobs['requeued']} requeued; "
+        f"{status['restarts']} worker restart(s), {status['reloads']} reload(s)",
     ]
     if status.get("reload_error"):
         lines.append(f"last reload failed: {status['reload_error']}")
@@ -293,21 +308,33 @@ def _size(value: int | None) -> str:
 
 
 def drain(run_dir: str, timeout: float, out: Callable[[str], None]) -> bool:
-    """Pause intake, then block until no job runs or the timeout passes; True when drained."""
-    request(run_dir, {"cmd": "pause"})
+    """Stop intake, then block until every worker has paused with no job, or the timeout passes.
+
+    A worker counts only once it has acknowledged the pause: one still "idle" may have just taken a
+    job it has not reported yet. True when drained.
+    """
+    request(run_dir, {"cmd": "drain"})
     deadline = time.monotonic() + timeout
     reported: set[str] = set()
     while True:
-        status = request(run_dir, {"cmd": "status"})["status"]
-        busy = [w for w in status["workers"] if w["state"] == "busy"]
-        if not busy:
+        workers = request(run_dir, {"cmd": "status"})["status"]["workers"]
+        waiting = [w for w in workers if w["state"] not in ("paused", "stopping")]
+        if not waiting:
             out("drained: no job is running")
             return True
-        for w in busy:
-            if w["job_id"] not in reported:
-                reported.add(w["job_id"])
-                out(f"waiting for job {w['job_id']} ({w['job_func']}) on worker pid {w['pid']}")
+        for w in waiting:
+            who = f"worker[{w['slot']}] pid {w['pid']}"
+            line = (
+                f"waiting for job {w['job_id']} ({w['job_func']}) on {who}"
+                if w["state"] == "busy"
+                else f"waiting for {who} to pause"
+            )
+            if line not in reported:
+                reported.add(line)
+                out(line)
         if time.monotonic() >= deadline:
-            out(f"timed out after {timeout:g}s with {len(busy)} job(s) still running")
+            busy = sum(1 for w in waiting if w["state"] == "busy")
+            unpaused = len(waiting) - busy
+            out(f"timed out after {timeout:g}s: {busy} job(s) running, {unpaused} worker(s) not paused")
             return False
-        time.sleep(0.2)
+        time.sleep(0.1)

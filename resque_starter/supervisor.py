@@ -26,7 +26,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from resque_starter import config, control, embedded_redis, procmem, protocol
+from resque_starter import config, control, embedded_redis, metrics, procmem, protocol
 from resque_starter.config import (
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -46,6 +46,8 @@ CRASH_LIMIT = 5  # consecutive crashes of one slot before giving up (exit 4)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 10.0
 QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
 GRACEFUL, QUICK, KILL = 0, 1, 2
+# a worker's own job counters, sent in its "idle" events; Supervisor.jobs sums them over every worker
+JOB_COUNTERS = ("done", "failed", "requeued")
 STOP_NAMES = ("graceful", "quick", "kill")
 STOP_SIGNALS = {GRACEFUL: signal.SIGTERM, QUICK: signal.SIGINT, KILL: signal.SIGKILL}
 HANDLED = (
@@ -88,6 +90,7 @@ class Worker:
     job: dict[str, Any] | None = None
     done: int = 0
     failed: int = 0
+    requeued: int = 0
     stop_level: int | None = None
     stop_reason: str = ""
     paused: bool = False
@@ -123,6 +126,7 @@ class Supervisor:
         self.sizes = [g.size for g in settings.groups]
         self.generation = 1
         self.paused = False
+        self.drain_requested = False
         self.stop_level: int | None = None
         self.stop_deadline: float | None = None
         # actual state
@@ -139,11 +143,13 @@ class Supervisor:
         self._generations = 1
         self.restarts = 0
         self.reloads = 0
+        self.jobs = dict.fromkeys(JOB_COUNTERS, 0)
         self._seq = 0
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
         self._redis: embedded_redis.EmbeddedRedis | None = None
         self._control: control.ControlServer | None = None
+        self._metrics: metrics.MetricsServer | None = None
         self._ping: Any = None
         self._name_prefix = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(2).hex()}"
 
@@ -190,6 +196,8 @@ class Supervisor:
             )
             self.settings = dataclasses.replace(self.settings, redis_url=self._redis.url)
         self._control = control.ControlServer(self.settings.run_dir, self._selector, self.handle_command)
+        if self.settings.metrics_port is not None:
+            self._metrics = metrics.MetricsServer(self.settings.metrics_port, self._selector, self)
         log.info(
             "supervisor pid %d: %d worker(s) on %s, app=%s, redis=%s",
             os.getpid(),
@@ -215,6 +223,8 @@ class Supervisor:
                 time.sleep(0.02)
         if self._control is not None:
             self._control.close()
+        if self._metrics is not None:
+            self._metrics.close()
         hook = self.settings.hooks.before_exit
         if hook is not None:
             try:
@@ -272,9 +282,9 @@ class Supervisor:
             elif signum == signal.SIGUSR1:
                 self.kill_jobs()
             elif signum == signal.SIGUSR2:
-                self.paused = True
+                self.pause(True)
             elif signum == signal.SIGCONT:
-                self.paused = False
+                self.pause(False)
             elif signum == signal.SIGTTIN:
                 self.scale(0, self.sizes[0] + 1)
             elif signum == signal.SIGTTOU:
@@ -294,6 +304,16 @@ class Supervisor:
         timeout = self.settings.drain_timeout if level == GRACEFUL else QUICK_GRACE
         self.stop_deadline = time.monotonic() + timeout
         log.info("stopping: %s (deadline in %.1fs)", STOP_NAMES[level], timeout)
+
+    def pause(self, on: bool, drain: bool = False) -> None:
+        """USR2/CONT; a drain is a pause that `status` and the metrics report as draining."""
+        self.paused = on
+        self.drain_requested = on and drain
+
+    @property
+    def draining(self) -> bool:
+        """Intake is stopped so running jobs can finish: a `ctl drain` not yet resumed, or a graceful stop."""
+        return (self.paused and self.drain_requested) or self.stop_level == GRACEFUL
 
     def scale(self, group: int, size: int) -> None:
         if self.stop_level is not None:
@@ -573,6 +593,8 @@ class Supervisor:
         os.close(self._wake_write)
         if self._control is not None:
             self._control.close_in_child()
+        if self._metrics is not None:
+            self._metrics.close_in_child()
         for m in self.molds.values():
             m.sock.close()
         for w in self.workers.values():
@@ -685,13 +707,20 @@ class Supervisor:
                 w.state, w.job = "busy", message
             elif event == "idle":
                 w.state, w.job = ("paused" if w.paused else "idle"), None
-                w.done, w.failed = int(message.get("done", w.done)), int(message.get("failed", w.failed))
+                self._count_jobs(w, message)
             elif event == "paused" and w.state != "busy":
                 w.state = "paused"
             elif event == "resumed" and w.state == "paused":
                 w.state = "idle"
             elif event == "recycle":
                 w.stop_reason = f"recycle: {message.get('reason')}"
+
+    def _count_jobs(self, w: Worker, message: dict[str, Any]) -> None:
+        """Take a worker's own counters, and add what they grew by to totals that outlive the worker."""
+        for name in JOB_COUNTERS:
+            value = int(message.get(name, getattr(w, name)))
+            self.jobs[name] += value - getattr(w, name)
+            setattr(w, name, value)
 
     def _stop_worker(self, w: Worker, level: int, reason: str) -> None:
         if w.pid is None:
@@ -738,6 +767,7 @@ class Supervisor:
                     "horse_pid": job.get("horse"),
                     "jobs_done": w.done,
                     "jobs_failed": w.failed,
+                    "jobs_requeued": w.requeued,
                     "uptime": round(now - w.started_at, 3),
                     "stopping": w.stop_reason or None,
                     "uss": mem.uss if mem else None,
@@ -754,6 +784,7 @@ class Supervisor:
                 for i, g in enumerate(self.settings.groups)
             ],
             "paused": self.paused,
+            "draining": self.draining,
             "stopping": STOP_NAMES[self.stop_level] if self.stop_level is not None else None,
             "molds": [
                 {"generation": m.generation, "pid": m.pid, "ready": m.ready} for m in self.molds.values()
@@ -762,18 +793,19 @@ class Supervisor:
             "reload_error": self.reload_error,
             "restarts": self.restarts,
             "reloads": self.reloads,
+            "jobs": dict(self.jobs),
             "redis_url": config.mask_url(self.settings.redis_url or ""),
             "app": list(self.settings.app),
         }
 
     def redis_answers(self) -> bool:
-        """One PING with a short timeout, so a slow Redis cannot wedge the loop."""
+        """One PING with a short timeout, so a slow Redis cannot wedge the loop or a probe (< 200 ms)."""
         import redis
 
         if self._ping is None:
             assert self.settings.redis_url is not None
             self._ping = redis.Redis.from_url(
-                self.settings.redis_url, socket_timeout=0.25, socket_connect_timeout=0.25
+                self.settings.redis_url, socket_timeout=0.1, socket_connect_timeout=0.1
             )
         try:
             return bool(self._ping.ping())

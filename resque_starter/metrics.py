@@ -1,0 +1,222 @@
+"""The optional HTTP endpoint (RESQUE_STARTER_METRICS_PORT): /healthz, /readyz and Prometheus /metrics.
+
+It runs inside the supervisor's selector loop, not in a thread: the supervisor forks molds, and a
+thread holding a lock at fork time can deadlock the child. Every socket is non-blocking, a request
+is bounded, and at most MAX_CLIENTS connections are held (the oldest is dropped), so no client can
+stall the loop or use up its file descriptors. prometheus-client is the optional extra `metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import selectors
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from resque_starter import control
+from resque_starter.config import ConfigError
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from resque_starter.supervisor import Supervisor
+
+BIND_ADDRESS = "0.0.0.0"  # for a pod's kubelet and Prometheus, which do not come from localhost
+MAX_REQUEST = 8192
+MAX_CLIENTS = 32
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest() writes
+WORKER_STATES = ("starting", "idle", "busy", "paused", "stopping")
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Unavailable"}
+
+
+@dataclass
+class _Client:
+    request: bytes = b""
+    reply: bytes = b""
+
+
+class MetricsServer:
+    def __init__(self, port: int, selector: selectors.BaseSelector, sup: Supervisor) -> None:
+        try:
+            from prometheus_client import CollectorRegistry
+        except ImportError:
+            allowed = "set only with prometheus-client installed: pip install 'resque-starter[metrics]'"
+            raise ConfigError("RESQUE_STARTER_METRICS_PORT", port, allowed) from None
+        self._sup = sup
+        self._selector = selector
+        self._clients: dict[socket.socket, _Client] = {}
+        self._registry = CollectorRegistry()
+        self._registry.register(_Collector(sup))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((BIND_ADDRESS, port))
+        except OSError as exc:
+            self.sock.close()
+            raise ConfigError("RESQUE_STARTER_METRICS_PORT", port, f"a free port ({exc.strerror})") from None
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+
+    def _accept(self, sock: socket.socket) -> None:
+        try:
+            conn, _ = sock.accept()
+        except OSError:  # nothing to accept, or out of fds: the next connection tries again
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            self._drop(next(iter(self._clients)))
+        conn.setblocking(False)
+        self._clients[conn] = _Client()
+        self._selector.register(conn, selectors.EVENT_READ, self._read)
+
+    def _read(self, conn: socket.socket) -> None:
+        client = self._clients[conn]
+        try:
+            data = conn.recv(MAX_REQUEST)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        client.request += data
+        if b"\r\n\r\n" in client.request or b"\n\n" in client.request:
+            client.reply = self.respond(client.request)
+        elif len(client.request) > MAX_REQUEST:
+            client.reply = _reply(400, _error("request too long"))
+        else:
+            return
+        self._selector.modify(conn, selectors.EVENT_WRITE, self._write)
+        self._write(conn)
+
+    def _write(self, conn: socket.socket) -> None:
+        client = self._clients[conn]
+        try:
+            sent = conn.send(client.reply)
+        except BlockingIOError:
+            return
+        except OSError:
+            sent = len(client.reply)
+        client.reply = client.reply[sent:]
+        if not client.reply:
+            self._drop(conn)
+
+    def respond(self, request: bytes) -> bytes:
+        """One whole HTTP response (status line, headers, body) for one request."""
+        parts = request.split(b"\n", 1)[0].split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return _reply(400, _error("not an HTTP request"))
+        method, path = parts[0], parts[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return _reply(405, _error("only GET and HEAD"))
+        return _reply(*self._route(path), head=method == b"HEAD")
+
+    def _route(self, path: bytes) -> tuple[int, tuple[str, bytes]]:
+        if path in (b"/healthz", b"/readyz"):
+            result = control.health(self._sup, "live" if path == b"/healthz" else "ready")
+            return (200 if result["ok"] else 503), _json(result)
+        if path == b"/metrics":
+            from prometheus_client import generate_latest
+
+            return 200, (TEXT_FORMAT, generate_latest(self._registry))
+        return 404, _error("not found; try /healthz, /readyz or /metrics")
+
+    def _drop(self, conn: socket.socket) -> None:
+        self._selector.unregister(conn)
+        del self._clients[conn]
+        conn.close()
+
+    def close_in_child(self) -> None:
+        self.sock.close()
+        for conn in self._clients:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in list(self._clients):
+            self._drop(conn)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(self.sock)
+        self.sock.close()
+
+
+def _json(value: dict[str, Any]) -> tuple[str, bytes]:
+    return "application/json", json.dumps(value).encode() + b"\n"
+
+
+def _error(message: str) -> tuple[str, bytes]:
+    return _json({"error": message})
+
+
+def _reply(status: int, content: tuple[str, bytes], head: bool = False) -> bytes:
+    content_type, body = content
+    headers = (
+        f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return headers.encode() + (b"" if head else body)
+
+
+class _Collector:
+    """Reads the supervisor's state at scrape time; nothing is kept between scrapes."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self._sup = sup
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        status = self._sup.status()
+        workers = status["workers"]
+        by_state = GaugeMetricFamily("resque_starter_workers", "Worker processes by state.", labels=["state"])
+        for state in WORKER_STATES:
+            by_state.add_metric([state], sum(1 for w in workers if w["state"] == state))
+        yield by_state
+        slots = GaugeMetricFamily(
+            "resque_starter_worker_slots", "Desired worker count of each group.", labels=["group"]
+        )
+        for group in status["groups"]:
+            slots.add_metric([group["name"]], group["size"])
+        yield slots
+        for key, name, text in (
+            ("done", "jobs_finished", "Jobs finished successfully, summed over every worker so far."),
+            ("failed", "jobs_failed", "Jobs failed, summed over every worker so far."),
+            ("requeued", "jobs_requeued", "Interrupted jobs put back in their queue by workers."),
+        ):
+            yield CounterMetricFamily(f"resque_starter_{name}", text, value=status["jobs"][key])
+        yield CounterMetricFamily(
+            "resque_starter_worker_restarts",
+            "Workers respawned after an exit nobody asked for.",
+            value=status["restarts"],
+        )
+        yield CounterMetricFamily(
+            "resque_starter_reloads", "Reloads started (HUP, ctl reload).", value=status["reloads"]
+        )
+        yield GaugeMetricFamily(
+            "resque_starter_draining",
+            "1 while a ctl drain or a graceful stop lets running jobs finish.",
+            value=int(status["draining"]),
+        )
+        yield GaugeMetricFamily(
+            "resque_starter_paused", "1 while workers take no new job.", value=int(status["paused"])
+        )
+        yield GaugeMetricFamily(
+            "resque_starter_generation", "The current generation.", value=status["generation"]
+        )
+        labels = ["group", "slot", "generation"]
+        uss = GaugeMetricFamily(
+            "resque_starter_worker_uss_bytes", "Private memory of each worker.", labels=labels
+        )
+        pss = GaugeMetricFamily(
+            "resque_starter_worker_pss_bytes", "Proportional memory of each worker.", labels=labels
+        )
+        for w in workers:
+            key = [w["group"], str(w["slot"]), str(w["generation"])]
+            if w["uss"] is not None:
+                uss.add_metric(key, w["uss"])
+                pss.add_metric(key, w["pss"])
+        yield uss
+        yield pss
