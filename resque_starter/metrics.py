@@ -54,10 +54,10 @@ class MetricsServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((BIND_ADDRESS, port))
+            self.sock.listen(16)
         except OSError as exc:
             self.sock.close()
             raise ConfigError("RESQUE_STARTER_METRICS_PORT", port, f"a free port ({exc.strerror})") from None
-        self.sock.listen(16)
         self.sock.setblocking(False)
         selector.register(self.sock, selectors.EVENT_READ, self._accept)
 
