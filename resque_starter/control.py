@@ -15,7 +15,7 @@ import pwd
 import selectors
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from resque_starter import protocol
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("resque_starter.control")
 
 SOCKET_NAME = "control.sock"
-MAX_CLIENTS = 32  # connections held at once; the oldest is dropped, so idle clients cannot use up fds
+MAX_CLIENTS = 32  # connections a server holds at once (see accept_pending)
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -52,20 +52,14 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
-        self.sock.listen(16)
+        self.sock.listen(64)
         self.sock.setblocking(False)
         selector.register(self.sock, selectors.EVENT_READ, self._accept)
 
     def _accept(self, sock: socket.socket) -> None:
-        try:
-            conn, _ = sock.accept()
-        except OSError:  # nothing to accept, or out of fds: the next connection tries again
-            return
-        if len(self._clients) >= MAX_CLIENTS:
-            self._drop(next(iter(self._clients)))
-        conn.setblocking(False)
-        self._clients[conn] = protocol.LineBuffer()
-        self._selector.register(conn, selectors.EVENT_READ, self._read)
+        for conn in accept_pending(sock, self._clients, self._drop):
+            self._clients[conn] = protocol.LineBuffer()
+            self._selector.register(conn, selectors.EVENT_READ, self._read)
 
     def _read(self, conn: socket.socket) -> None:
         try:
@@ -112,6 +106,22 @@ class ControlServer:
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def accept_pending(
+    sock: socket.socket, clients: Mapping[socket.socket, object], drop: Callable[[socket.socket], None]
+) -> Iterator[socket.socket]:
+    """Every connection waiting on a listening socket, non-blocking, so a burst cannot fill the backlog.
+    Past MAX_CLIENTS held connections the oldest is dropped: idle clients cannot use up the fds."""
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:  # none left, or out of fds: the next wakeup tries again
+            return
+        if len(clients) >= MAX_CLIENTS:
+            drop(next(iter(clients)))
+        conn.setblocking(False)
+        yield conn
 
 
 def _remove_stale(path: str, run_dir: str) -> None:
@@ -206,7 +216,7 @@ def request(run_dir: str, message: dict[str, Any], timeout: float = 10.0) -> dic
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
+        _connect(sock, path, time.monotonic() + timeout)
         protocol.send(sock, message)
         reply = protocol.LineBuffer().recv(sock)
     except FileNotFoundError:
@@ -230,6 +240,18 @@ def request(run_dir: str, message: dict[str, Any], timeout: float = 10.0) -> dic
     if reply is None:
         raise ControlError(f"the supervisor closed {path} without answering")
     return reply
+
+
+def _connect(sock: socket.socket, path: str, deadline: float) -> None:
+    """A Unix socket refuses at once (EAGAIN) while its listen backlog is full: retry until the deadline."""
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError from None
+            time.sleep(0.01)
 
 
 def _owner(path: str) -> str:

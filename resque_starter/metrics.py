@@ -2,8 +2,8 @@
 
 It runs inside the supervisor's selector loop, not in a thread: the supervisor forks molds, and a
 thread holding a lock at fork time can deadlock the child. Every socket is non-blocking, a request
-is bounded, and at most MAX_CLIENTS connections are held (the oldest is dropped), so no client can
-stall the loop or use up its file descriptors. prometheus-client is the optional extra `metrics`.
+is bounded, and few connections are held (control.accept_pending), so no client can stall the loop
+or use up its file descriptors. prometheus-client is the optional extra `metrics`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 BIND_ADDRESS = "0.0.0.0"  # for a pod's kubelet and Prometheus, which do not come from localhost
 MAX_REQUEST = 8192
-MAX_CLIENTS = 32
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest() writes
 WORKER_STATES = ("starting", "idle", "busy", "paused", "stopping")
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Unavailable"}
@@ -54,7 +53,7 @@ class MetricsServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((BIND_ADDRESS, port))
-            self.sock.listen(16)
+            self.sock.listen(64)
         except OSError as exc:
             self.sock.close()
             raise ConfigError("RESQUE_STARTER_METRICS_PORT", port, f"a free port ({exc.strerror})") from None
@@ -62,15 +61,9 @@ class MetricsServer:
         selector.register(self.sock, selectors.EVENT_READ, self._accept)
 
     def _accept(self, sock: socket.socket) -> None:
-        try:
-            conn, _ = sock.accept()
-        except OSError:  # nothing to accept, or out of fds: the next connection tries again
-            return
-        if len(self._clients) >= MAX_CLIENTS:
-            self._drop(next(iter(self._clients)))
-        conn.setblocking(False)
-        self._clients[conn] = _Client()
-        self._selector.register(conn, selectors.EVENT_READ, self._read)
+        for conn in control.accept_pending(sock, self._clients, self._drop):
+            self._clients[conn] = _Client()
+            self._selector.register(conn, selectors.EVENT_READ, self._read)
 
     def _read(self, conn: socket.socket) -> None:
         client = self._clients[conn]

@@ -205,14 +205,14 @@ def test_pause_keeps_workers_registered_and_resume_takes_jobs_again(start, conn)
 
 def test_reload_starts_a_new_generation_and_a_bad_config_is_refused(start, conn, tmp_path: Path) -> None:
     conf = tmp_path / "conf.py"
-    conf.write_text("CONCURRENCY = 1\n")
+    conf.write_text("concurrency = 1\n")
     s = start(RESQUE_STARTER_CONFIG=str(conf))
     s.wait_workers(2)
-    conf.write_text("CONCURRENCY = = 1\n")
+    conf.write_text("concurrency = = 1\n")
     result = ctl(s.run_dir, "reload")
     assert result.returncode == 1 and "RESQUE_STARTER_CONFIG" in result.stderr, result.stderr
     assert s.status()["generation"] == 1
-    conf.write_text("CONCURRENCY = 1\n")
+    conf.write_text("concurrency = 1\n")
     ok(s.run_dir, "reload")
     status = s.status()
     assert status["generation"] == 2 and status["reloads"] == 1 and status["reload_error"] is None
@@ -325,15 +325,22 @@ def test_drain_times_out_with_exit_1_and_leaves_the_job_running(start, conn) -> 
 # --------------------------------------------------------------------------- health
 
 
-def probe(run_dir: str, check: str) -> tuple[int, dict[str, Any], float]:
-    """Run `ctl health --CHECK`: its exit code, its JSON, and its time beyond a bare interpreter start."""
-    bare = time.monotonic()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    baseline = time.monotonic() - bare
-    began = time.monotonic()
+def probe(run_dir: str, check: str) -> tuple[int, dict[str, Any]]:
+    """Run `ctl health --CHECK`: its exit code and its JSON."""
     result = ctl(run_dir, "health", f"--{check}")
-    elapsed = time.monotonic() - began - baseline
-    return result.returncode, json.loads(result.stdout), elapsed
+    return result.returncode, json.loads(result.stdout)
+
+
+def probe_cost(run_dir: str, check: str) -> float:
+    """What `ctl health` takes beyond a bare interpreter start, best of 3: a loaded machine only adds."""
+    costs = []
+    for _ in range(3):
+        began = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        middle = time.monotonic()
+        ctl(run_dir, "health", f"--{check}")
+        costs.append((time.monotonic() - middle) - (middle - began))
+    return min(costs)
 
 
 def answer_time(run_dir: str, check: str) -> float:
@@ -349,9 +356,9 @@ def test_health_live_and_ready_are_fast_and_ready_fails_while_stopping(start, co
     s = start(RESQUE_STARTER_CONCURRENCY="1")
     s.wait_workers(1)
     for check in ("live", "ready"):
-        code, reply, elapsed = probe(s.run_dir, check)
+        code, reply = probe(s.run_dir, check)
         assert code == 0 and reply["live"] is True, reply
-        assert elapsed < 0.2 and answer_time(s.run_dir, check) < 0.2, elapsed
+        assert answer_time(s.run_dir, check) < 0.2 and probe_cost(s.run_dir, check) < 0.2
     assert probe(s.run_dir, "ready")[1] == {"live": True, "ready_workers": 1, "redis": True}
     job = enqueue(conn, "testjobs.sleep_then_record", 60)
     wait_running(conn)
@@ -364,8 +371,8 @@ def test_health_live_and_ready_are_fast_and_ready_fails_while_stopping(start, co
 
 def test_ready_fails_without_a_registered_worker(start) -> None:
     s = start(RESQUE_STARTER_CONCURRENCY="0")
-    wait_for(lambda: s.status()["molds"] and s.status()["molds"][0]["ready"], what="the mold")
-    code, reply, _ = probe(s.run_dir, "ready")
+    wait_for(lambda: [m for m in (s.try_status() or {"molds": []})["molds"] if m["ready"]], what="the mold")
+    code, reply = probe(s.run_dir, "ready")
     assert code == 1 and reply == {"live": True, "ready_workers": 0, "redis": True}
     assert probe(s.run_dir, "live")[0] == 0
 
@@ -380,15 +387,15 @@ def test_ready_fails_fast_when_redis_hangs_or_is_gone(start, tmp_path: Path) -> 
         assert private.proc is not None
         os.kill(private.proc.pid, signal.SIGSTOP)
         try:
-            code, reply, elapsed = probe(s.run_dir, "ready")
+            code, reply = probe(s.run_dir, "ready")
             assert code == 1 and reply["redis"] is False and reply["ready_workers"] == 1
-            assert elapsed < 0.2 and answer_time(s.run_dir, "ready") < 0.2
+            assert answer_time(s.run_dir, "ready") < 0.2 and probe_cost(s.run_dir, "ready") < 0.2
         finally:
             os.kill(private.proc.pid, signal.SIGCONT)
         wait_for(lambda: probe(s.run_dir, "ready")[0] == 0, what="ready again once Redis answers")
         private.stop()
-        code, reply, elapsed = probe(s.run_dir, "ready")
-        assert code == 1 and reply["redis"] is False and elapsed < 0.2
+        code, reply = probe(s.run_dir, "ready")
+        assert code == 1 and reply["redis"] is False and answer_time(s.run_dir, "ready") < 0.2
         assert probe(s.run_dir, "live")[0] == 0
     finally:
         private.stop()
@@ -396,7 +403,7 @@ def test_ready_fails_fast_when_redis_hangs_or_is_gone(start, tmp_path: Path) -> 
 
 def test_live_fails_when_the_supervisor_does_not_answer(start) -> None:
     s = start(RESQUE_STARTER_CONCURRENCY="0")
-    wait_for(lambda: s.status()["molds"], what="the supervisor")
+    wait_for(s.try_status, what="the supervisor")
     os.kill(s.pid, signal.SIGSTOP)
     try:
         began = time.monotonic()
@@ -493,10 +500,10 @@ def test_a_stale_socket_is_replaced_and_a_live_one_is_not_stolen(start, run_dir:
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(path))
     dead.close()
-    stale_inode = path.stat().st_ino
+    with pytest.raises(ConnectionRefusedError), socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(str(path))
     s = start()
     s.wait_workers(2)
-    assert path.stat().st_ino != stale_inode
     assert json.loads(ok(run_dir, "status", "--json"))["pid"] == s.pid
     second = start(RESQUE_STARTER_LOG_LEVEL="WARNING")
     assert second.wait_exit(20) == 2
