@@ -86,7 +86,8 @@ class ControlServer:
         conn.settimeout(1.0)
         with contextlib.suppress(OSError):
             conn.sendall(protocol.encode(reply))
-        self._drop(conn)
+        conn.setblocking(False)
+        linger(self._selector, conn, self._drop)
 
     def _drop(self, conn: socket.socket) -> None:
         self._selector.unregister(conn)
@@ -122,6 +123,27 @@ def accept_pending(
             drop(next(iter(clients)))
         conn.setblocking(False)
         yield conn
+
+
+def linger(
+    selector: selectors.BaseSelector, conn: socket.socket, drop: Callable[[socket.socket], None]
+) -> None:
+    """After the reply: half-close, and discard what the client still sends until it closes. Closing
+    with unread input (an oversized request) would reset the connection and could lose the reply."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+
+    def discard(conn: socket.socket) -> None:
+        try:
+            if conn.recv(65536):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        drop(conn)
+
+    selector.modify(conn, selectors.EVENT_READ, discard)
 
 
 def _remove_stale(path: str, run_dir: str) -> None:

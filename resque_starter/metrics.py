@@ -96,7 +96,7 @@ class MetricsServer:
             sent = len(client.reply)
         client.reply = client.reply[sent:]
         if not client.reply:
-            self._drop(conn)
+            control.linger(self._selector, conn, self._drop)
 
     def respond(self, request: bytes) -> bytes:
         """One whole HTTP response (status line, headers, body) for one request."""
