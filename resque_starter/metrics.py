@@ -28,7 +28,13 @@ BIND_ADDRESS = "0.0.0.0"  # for a pod's kubelet and Prometheus, which do not com
 MAX_REQUEST = 8192
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest() writes
 WORKER_STATES = ("starting", "idle", "busy", "paused", "stopping")
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 
 
 @dataclass
@@ -78,7 +84,7 @@ class MetricsServer:
             return
         client.request += data
         if b"\r\n\r\n" in client.request or b"\n\n" in client.request:
-            client.reply = self.respond(client.request)
+            client.reply = self._respond(client.request)
         elif len(client.request) > MAX_REQUEST:
             client.reply = _reply(400, _error("request too long"))
         else:
@@ -98,7 +104,7 @@ class MetricsServer:
         if not client.reply:
             control.linger(self._selector, conn, self._drop)
 
-    def respond(self, request: bytes) -> bytes:
+    def _respond(self, request: bytes) -> bytes:
         """One whole HTTP response (status line, headers, body) for one request."""
         parts = request.split(b"\n", 1)[0].split()
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
@@ -199,7 +205,12 @@ class _Collector:
         yield GaugeMetricFamily(
             "resque_starter_generation", "The current generation.", value=status["generation"]
         )
-        labels = ["group", "slot", "generation"]
+        labels = [
+            "group",
+            "slot",
+            "generation",
+            "pid",
+        ]  # pid: a stopping worker may share slot and generation
         uss = GaugeMetricFamily(
             "resque_starter_worker_uss_bytes", "Private memory of each worker.", labels=labels
         )
@@ -207,7 +218,7 @@ class _Collector:
             "resque_starter_worker_pss_bytes", "Proportional memory of each worker.", labels=labels
         )
         for w in workers:
-            key = [w["group"], str(w["slot"]), str(w["generation"])]
+            key = [w["group"], str(w["slot"]), str(w["generation"]), str(w["pid"])]
             if w["uss"] is not None:
                 uss.add_metric(key, w["uss"])
                 pss.add_metric(key, w["pss"])

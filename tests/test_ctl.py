@@ -583,7 +583,7 @@ def test_metrics_are_served_from_the_loop_and_count_across_worker_restarts(start
     assert value(samples, "resque_starter_worker_slots", group="default") == 2
     assert value(samples, "resque_starter_generation") == 1
     for w in s.status()["workers"]:
-        labels = {"group": "default", "slot": str(w["slot"]), "generation": "1"}
+        labels = {"group": "default", "slot": str(w["slot"]), "generation": "1", "pid": str(w["pid"])}
         assert value(samples, "resque_starter_worker_uss_bytes", **labels) > 1_000_000
         assert value(samples, "resque_starter_worker_pss_bytes", **labels) > 1_000_000
 
