@@ -290,7 +290,7 @@ def test_drain_blocks_while_a_job_runs_and_exits_0_once_drained(start, conn, tmp
         where = f"worker[{busy['slot']}] pid {busy['pid']}"
         waiting = f"waiting for job {job.id} (testjobs.sleep_then_record) on {where}"
         wait_for(lambda: waiting in out.read_text(), what="drain to say what it waits for")
-        assert s.status()["draining"] is True
+        assert s.status()["draining"] is True and "DRAINING" in ok(s.run_dir, "status")
         wait_for(
             lambda: [w["state"] for w in s.status()["workers"]].count("paused") == 1, what="the idle one"
         )
