@@ -591,8 +591,9 @@ def test_metrics_are_served_from_the_loop_and_count_across_worker_restarts(start
     for job in jobs[:3]:
         wait_status(job, JobStatus.FINISHED)
     wait_status(jobs[3], JobStatus.FAILED)
+    # a job's rq status changes before its worker reports "idle", so the totals are waited for too
     wait_for(lambda: value(scrape(port), "resque_starter_jobs_finished_total") == 3, what="3 finished")
-    assert value(scrape(port), "resque_starter_jobs_failed_total") == 1
+    wait_for(lambda: value(scrape(port), "resque_starter_jobs_failed_total") == 1, what="1 failed")
 
     for w in s.status()["workers"]:
         os.kill(w["pid"], signal.SIGKILL)  # the counters of these workers die with them
