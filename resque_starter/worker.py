@@ -238,6 +238,7 @@ class StarterMixin:
         self._interrupts: dict[str, str] = {}
         self._performing = False
         self._jobs_done = 0
+        self._requeued = 0
         self._state_title = "starting"
         self._claim_first = None
         super().__init__(*args, **kwargs)
@@ -296,7 +297,9 @@ class StarterMixin:
 
     def _send_idle(self) -> None:
         done, failed = self.connection.hmget(self.key, ["successful_job_count", "failed_job_count"])
-        self._context.send({"event": "idle", "done": int(done or 0), "failed": int(failed or 0)})
+        self._context.send(
+            {"event": "idle", "done": int(done or 0), "failed": int(failed or 0), "requeued": self._requeued}
+        )
 
     # --- dequeue -------------------------------------------------------------------------------
 
@@ -499,6 +502,7 @@ class StarterMixin:
             self.executions.pop(execution.id, None)
             if outcome in (recovery.FAILED, recovery.RETRIED):
                 self.increment_failed_job_count()
+            self._requeued += outcome == recovery.REQUEUED
             return
         if kind == KILL_JOB:
             exc_string = f"{KILL_JOB_REASON}\n{exc_string}"
@@ -548,7 +552,7 @@ class StarterMixin:
         queue = self.queue_class(
             job.origin, connection=self.connection, job_class=self.job_class, serializer=self.serializer
         )
-        recovery.requeue_or_fail(
+        outcome = recovery.requeue_or_fail(
             job,
             queue,
             execution,
@@ -559,6 +563,7 @@ class StarterMixin:
             worker_name=self.name,
         )
         self.executions.pop(execution.id, None)
+        self._requeued += outcome == recovery.REQUEUED
 
 
 # --- the process ---------------------------------------------------------------------------------

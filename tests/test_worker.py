@@ -251,6 +251,7 @@ def test_int_requeues_the_running_job_at_the_front(
     worker, job, waiting = start_long_job(start, conn, worker_class=worker_class)
     began = time.monotonic()
     worker.signal(signal.SIGINT)
+    assert worker.expect("idle")["requeued"] == 1, "the supervisor counts requeues from idle events"
     assert worker.wait() == 0
     assert time.monotonic() - began < 5
     queue = Queue("default", connection=conn)
@@ -275,7 +276,8 @@ def test_int_fails_the_job_after_max_requeues(start: Start, conn: redis.Redis, w
     assert again.expect("busy")["job"] == job.id  # requeued at the front
     wait_for(lambda: done_ids(conn, "done:started").count(job.id) == 2, what="the second run")
     again.signal(signal.SIGINT)
-    assert again.expect("idle")["failed"] == 1
+    idle = again.expect("idle")
+    assert (idle["failed"], idle["requeued"]) == (1, 0), "failed after max requeues, not requeued again"
     assert again.wait() == 0
     assert job.get_status() == JobStatus.FAILED
     assert job.id in FailedJobRegistry("default", connection=conn)
