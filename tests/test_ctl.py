@@ -30,7 +30,7 @@ from rq.job import Job, JobStatus
 from conftest import RedisServer, free_port, wait_for
 from starter import ROOT, TESTS, Starter, base_env, children, descendants, process_state, registries
 
-DOC = ROOT / "docs" / "ctl-and-metrics.md"
+DOC = ROOT / "README.md"
 
 
 @pytest.fixture
