@@ -96,13 +96,13 @@ def test_runs_jobs_and_reports_events_in_order(start: Start, conn: redis.Redis, 
         assert isinstance(busy["horse"], int) and busy["horse"] != worker.pid
     else:
         assert busy["horse"] is None
-    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 0}
+    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 0, "requeued": 0}
     assert done_ids(conn) == [job.id]
     assert job.get_status() == JobStatus.FINISHED
 
     queue.enqueue("testjobs.fail")
     worker.expect("busy")
-    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 1}
+    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 1, "requeued": 0}
 
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
@@ -306,12 +306,12 @@ def test_usr1_kills_the_job_and_the_worker_goes_on(
 ) -> None:
     worker, job, waiting = start_long_job(start, conn, worker_class=worker_class)
     worker.signal(signal.SIGUSR1)
-    assert worker.expect("idle") == {"event": "idle", "done": 0, "failed": 1}
+    assert worker.expect("idle") == {"event": "idle", "done": 0, "failed": 1, "requeued": 0}
     assert job.get_status() == JobStatus.FAILED  # failed, not "stopped"
     assert job.id in FailedJobRegistry("default", connection=conn)
     assert "SIGUSR1" in latest_failure(job)
     assert worker.expect("busy")["job"] == waiting.id
-    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 1}
+    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 1, "requeued": 0}
     assert worker.poll() is None
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
