@@ -43,21 +43,29 @@ _IGNORED = (
 )
 
 
-def run_mold(settings: Settings, generation: int, sock: socket.socket) -> NoReturn:
-    """Import the app, freeze the heap, then fork workers on request until the supervisor hangs up."""
+def run_mold(settings: Settings, generation: int, sock: socket.socket, promoted: bool = False) -> NoReturn:
+    """Import the app, freeze the heap, then fork workers on request until the supervisor hangs up.
+
+    `promoted`: this process is a worker promoted to mold (reforking), with the app and whatever its
+    jobs loaded already in memory; it only collects and freezes.
+    """
     code = 1
     try:
         logs.set_role(f"mold gen={generation}")
-        setproctitle(f"resque-starter: mold gen={generation} app={','.join(settings.app) or '-'}")
+        origin = " reforked" if promoted else ""
+        setproctitle(f"resque-starter: mold gen={generation} app={','.join(settings.app) or '-'}{origin}")
         for sig in _IGNORED:
             signal.signal(sig, signal.SIG_IGN)
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGCONT):
             signal.signal(sig, signal.SIG_DFL)
-        error = _preload(settings)
+        error = None if promoted else _preload(settings)
         if error is not None:
             code, message = error
             protocol.send(sock, {"op": "error", "code": code, "message": message})
         else:
+            # every object built so far stays on pages no collection in a worker writes to
+            gc.collect()
+            gc.freeze()
             protocol.send(sock, {"op": "ready", "pid": os.getpid()})
             _serve(settings, sock)
             code = 0
@@ -104,8 +112,6 @@ def _preload(settings: Settings) -> tuple[int, str] | None:
                 hook(settings)
             except BaseException:
                 return _app_failure(f"the {name} hook")
-    gc.collect()
-    gc.freeze()
     return None
 
 

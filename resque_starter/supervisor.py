@@ -73,6 +73,7 @@ class Mold:
     buffer: LineBuffer = field(default_factory=LineBuffer)
     ready: bool = False
     failed: bool = False
+    promoted: bool = False  # a worker promoted to mold (reforking); its generation does not refork again
 
 
 @dataclass
@@ -95,6 +96,8 @@ class Worker:
     stop_reason: str = ""
     paused: bool = False
     listening: bool = True
+    promotable: bool = False  # it ran REFORK_AFTER jobs
+    promoting: int | None = None  # asked to become the mold of this generation
 
     @property
     def key(self) -> tuple[int, int]:
@@ -366,6 +369,7 @@ class Supervisor:
             return
         if self.stop_level is None:
             self._converge_slots()
+            self._converge_refork()
         else:
             self._converge_stop()
         self._converge_pause()
@@ -714,6 +718,51 @@ class Supervisor:
                 w.state = "idle"
             elif event == "recycle":
                 w.stop_reason = f"recycle: {message.get('reason')}"
+            elif event == "promote-ready":
+                w.promotable = True
+            elif message.get("op") == "ready" and w.promoting is not None:
+                self._adopt_mold(w)
+                return
+
+    def _converge_refork(self) -> None:
+        """Pitchfork's reforking: once per imported generation, ask one worker that ran REFORK_AFTER jobs
+        to become the next mold; the slot loop then replaces the other workers from it, as in a reload."""
+        mold = self.molds.get(self.generation)
+        if (
+            self.settings.refork_after is None
+            or self.paused
+            or mold is None
+            or mold.promoted
+            or self.serving_generation != self.generation
+            or any(w.promoting is not None for w in self.workers.values())
+        ):
+            return
+        for w in self.workers.values():
+            current = w.spec.generation == self.generation
+            if w.promotable and current and not w.stopping and not w.spec.scheduler:
+                self._generations += 1
+                w.promoting = self._generations
+                log.info("refork: worker[%s] pid %s ran %d job(s); promoting it to mold gen=%d",
+                         self._slot_label(w), w.pid, self.settings.refork_after, w.promoting)  # fmt: skip
+                with contextlib.suppress(OSError):
+                    protocol.send(w.status, {"op": "promote", "generation": w.promoting})
+                return
+
+    def _adopt_mold(self, w: Worker) -> None:
+        """The promoted worker now serves the mold protocol on its status socket: it leaves the slot
+        table and becomes the current generation's mold, unless a reload or stop came meanwhile (then
+        it is an outdated mold, which _converge_molds tells to exit)."""
+        assert w.promoting is not None
+        del self.workers[w.spec.name]
+        old = self.molds.get(w.spec.generation)
+        mold = Mold(w.promoting, w.pid or 0, w.status, old.settings if old else self.settings, w.buffer)
+        mold.ready = mold.promoted = True
+        w.status.setblocking(True)
+        self.molds[mold.generation] = mold
+        self._selector.modify(w.status, selectors.EVENT_READ, lambda s: self._on_mold_message(mold))
+        if self.stop_level is None and self.generation == w.spec.generation:
+            self.generation = mold.generation
+            log.info("refork: mold gen=%d pid %s ready; replacing workers from it", mold.generation, mold.pid)
 
     def _count_jobs(self, w: Worker, message: dict[str, Any]) -> None:
         """Take a worker's own counters, and add what they grew by to totals that outlive the worker."""
@@ -759,7 +808,7 @@ class Supervisor:
                     "pid": w.pid,
                     "generation": w.spec.generation,
                     "name": w.spec.name,
-                    "state": "stopping" if w.stop_level is not None and w.state != "busy" else w.state,
+                    "state": _shown_state(w),
                     "ready": w.ready,
                     "job_id": job.get("job"),
                     "job_func": job.get("func"),
@@ -787,7 +836,8 @@ class Supervisor:
             "draining": self.draining,
             "stopping": STOP_NAMES[self.stop_level] if self.stop_level is not None else None,
             "molds": [
-                {"generation": m.generation, "pid": m.pid, "ready": m.ready} for m in self.molds.values()
+                {"generation": m.generation, "pid": m.pid, "ready": m.ready, "reforked": m.promoted}
+                for m in self.molds.values()
             ],
             "workers": workers,
             "reload_error": self.reload_error,
@@ -852,6 +902,14 @@ class Supervisor:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 log.warning("could not remove pid file %s: %s", path, exc)
+
+
+def _shown_state(w: Worker) -> str:
+    if w.state == "busy":
+        return w.state
+    if w.promoting is not None:
+        return "promoting"
+    return "stopping" if w.stop_level is not None else w.state
 
 
 def describe_status(status: int) -> str:

@@ -12,13 +12,17 @@ user's), which changes four things:
   shared intermediate list (recovered after a minute or more), job ids move atomically into a claim
   list of this worker (`recovery.claim_key`) and leave it in the same transaction that records the
   execution, so `recovery.recover_worker` finds everything a dead worker held.
-- Status: JSON lines on the supervisor's socket (ready, busy, idle, paused, resumed, recycle).
+- Status: JSON lines on the supervisor's socket (ready, busy, idle, paused, resumed, recycle,
+  promote-ready); the supervisor's one message the other way is `promote`.
 - Recycling between jobs after max_jobs, max_lifetime (+-10% jitter) or max_memory (USS).
+- Reforking (refork_after): the worker's Nth job runs in this process, even with a forking worker
+  class, so what it loads lazily stays here; asked to, the worker then becomes the next mold.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -26,6 +30,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
@@ -57,6 +62,7 @@ EXIT_HOOK_FAILED = 70
 # (BLMOVE can wait on one list only; every poll first tries all queues in priority order).
 CLAIM_POLL_SECONDS = 1.0
 STATUS_SEND_TIMEOUT = 5.0
+THREAD_JOIN_TIMEOUT = 5.0  # how long a promoted worker waits for rq's pubsub thread before it forks
 REDIS_BACKOFF_FIRST = 0.5
 REDIS_BACKOFF_MAX = 30.0
 REDIS_CONNECT_TIMEOUT = 5.0
@@ -164,22 +170,43 @@ class Context:
     queues: tuple[str, ...] = ()
     label: str = ""
     deadline: float | None = None
-    _in_child: bool = field(default=False, repr=False)
+    promote_to: int | None = None  # the generation whose mold the supervisor asked this worker to be
+    _inbox: protocol.LineBuffer = field(default_factory=protocol.LineBuffer, repr=False)
+    _released: bool = field(default=False, repr=False)
 
     def send(self, message: dict[str, Any]) -> None:
         """Tell the supervisor; it may be gone (then nobody is listening), which is not our problem."""
         with contextlib.suppress(OSError):
             protocol.send(self.status, message)
 
+    def promotion_requested(self) -> bool:
+        """Read, without blocking, whether the supervisor sent `promote` (its only message to a worker)."""
+        while self.promote_to is None and select.select([self.status], [], [], 0)[0]:
+            try:
+                data = self.status.recv(65536)
+            except OSError:
+                return False
+            if not data:
+                return False
+            for message in self._inbox.feed(data):
+                if message.get("op") == "promote":
+                    self.promote_to = int(message["generation"])
+        return self.promote_to is not None
+
     def title(self, state: str) -> str:
         return f"resque-starter: worker[{self.label}] gen={self.spec.generation} {state}"
 
     def close_in_child(self) -> None:
         """os.register_at_fork hook: the horse or scheduler must not hold our socket or handlers."""
-        if self._in_child:
+        if self._released:
             return  # a fork of a fork: already done in its parent
-        self._in_child = True
         self.status.close()
+        self.release()
+
+    def release(self) -> None:
+        """Give up the signal handlers and wakeup pipe for good (a fork, or a worker promoted to mold):
+        the at-fork hook, which cannot be unregistered, does nothing from here on."""
+        self._released = True
         self.controls.uninstall_in_child()
 
 
@@ -239,6 +266,7 @@ class StarterMixin:
         self._performing = False
         self._jobs_done = 0
         self._requeued = 0
+        self._in_process = False
         self._state_title = "starting"
         self._claim_first = None
         super().__init__(*args, **kwargs)
@@ -396,17 +424,39 @@ class StarterMixin:
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self._running = Running(job.id, _func_name(job), queue.name, time.time())
+        refork_after = self._context.settings.refork_after
         try:
             if self._controls.stop:  # it came after the claim: teardown puts the job back
                 raise StopRequested()
-            super().execute_job(job, queue)
+            if refork_after is not None and self._jobs_done + 1 == refork_after and self._forks:
+                self._execute_here(job, queue)
+            else:
+                super().execute_job(job, queue)
         finally:
             self._running = None
             self._interrupts.clear()
             self._performing = False
         self._jobs_done += 1
         self._send_idle()
+        if self._jobs_done == refork_after:
+            self._context.send({"event": "promote-ready", "jobs": self._jobs_done})
         self._recycle_if_due()
+
+    @property
+    def _forks(self) -> bool:
+        """Whether jobs run in a work-horse (rq.Worker and its subclasses) rather than in this process."""
+        return isinstance(self, ForkingWorker) and not self._in_process
+
+    def _execute_here(self, job: Job, queue: Queue) -> None:
+        """rq.SimpleWorker's execute_job, for a refork candidate's Nth job: what the job loads lazily
+        (imports, caches) stays in this process, and so in the mold it may become."""
+        self._in_process = True
+        try:
+            execution = self.prepare_execution(job)
+            self.perform_job(job, queue, execution)
+            self.set_state(WorkerStatus.IDLE)
+        finally:
+            self._in_process = False
 
     def prepare_execution(self, job: Job) -> Execution:
         """rq's prepare_execution, plus removing the job from the claim list in the same transaction:
@@ -419,7 +469,7 @@ class StarterMixin:
             pipeline.lrem(recovery.claim_key(self.name, job.origin), 1, job.id)
             pipeline.execute()
         self.procline("busy")
-        if not isinstance(self, ForkingWorker):
+        if not self._forks:
             self._send_busy(horse=None)
         return execution
 
@@ -510,8 +560,22 @@ class StarterMixin:
 
     # --- stopping ------------------------------------------------------------------------------
 
+    def unsubscribe(self) -> None:
+        """rq's, with the pubsub thread stopped before the UNSUBSCRIBE: a thread that reads the reply
+        first waits in redis-py's get_message up to a minute for a new subscription, which holds up
+        every stop by rq's one-second join, and a worker promoted to mold must not fork beside it."""
+        thread = getattr(self, "pubsub_thread", None)
+        if thread is not None:
+            thread.stop()
+        super().unsubscribe()  # type: ignore[misc]
+
     def _recycle_if_due(self) -> None:
         if self._controls.stop:
+            return
+        if self._context.promotion_requested():
+            generation = self._context.promote_to
+            self.log.info("Worker %s: promoted to be the mold of generation %d", self.name, generation)
+            self._controls.stop = True
             return
         reason = self._recycle_reason()
         if reason:
@@ -614,7 +678,33 @@ def _serve(settings: Settings, spec: WorkerSpec, status: socket.socket) -> int:
     if not context.controls.stop:
         log.error("worker[%s]: rq's work loop ended without a stop request", context.label)
         return EXIT_FAILED
+    if context.promote_to is not None:
+        _become_mold(context, worker, context.promote_to)
     return EXIT_OK
+
+
+def _become_mold(context: Context, worker: StarterMixin, generation: int) -> None:
+    """Reforking: serve the mold protocol on the status socket, keeping everything the jobs loaded.
+    Returns only if this process cannot fork safely (a thread still runs); it then exits like a recycle."""
+    from resque_starter.mold import run_mold
+
+    worker.connection.close()  # no child may inherit a Redis connection
+    thread = getattr(worker, "pubsub_thread", None)
+    if thread is not None:
+        thread.join(THREAD_JOIN_TIMEOUT)
+    if threading.active_count() > 1:
+        names = ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread())
+        log.warning("worker[%s]: not promoted to mold: threads still run (%s)", context.label, names)
+        return
+    context.controls.worker = None
+    context.release()
+    context.status.settimeout(None)
+    for stream in (sys.stdout, sys.stderr):  # a buffer left here would be written again by every fork
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    # a reforked generation does not refork again: its workers run every job the configured way
+    settings = dataclasses.replace(context.settings, refork_after=None)
+    run_mold(settings, generation, context.status, promoted=True)
 
 
 def _make_context(settings: Settings, spec: WorkerSpec, status: socket.socket) -> Context:

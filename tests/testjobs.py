@@ -68,3 +68,25 @@ class CountingWorker(Worker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         super().execute_job(job, queue)
         self.connection.incr(f"counting:{job.id}")
+
+
+_warm: dict[str, int] = {}
+
+
+def lazy_load() -> dict[str, object]:
+    """Loads a cache on first call in this process, as job code often does; says whether it was already
+    there (inherited from a mold that ran this job before: reforking) and where it ran."""
+    inherited = "cache" in _warm
+    _warm.setdefault("cache", os.getpid())
+    _record("lazy")
+    return {"inherited": inherited, "loaded_by": _warm["cache"], "pid": os.getpid()}
+
+
+_leak: list[bytearray] = []
+
+
+def leak(megabytes: int = 32) -> int:
+    """Keeps `megabytes` of touched memory in a module-level list: it grows whichever process ran it."""
+    _leak.append(bytearray(b"x" * (megabytes << 20)))
+    _record("done")
+    return len(_leak)

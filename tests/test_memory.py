@@ -1,0 +1,90 @@
+"""Issue 7, memory: reforking, recycling, container limits and `ctl mem`, on a real supervisor."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from rq import Queue
+from rq.job import Job, JobStatus
+
+from conftest import wait_for
+from starter import Starter, base_env, registries
+
+Start = Callable[..., Starter]
+
+
+@pytest.fixture
+def start(redis_url: str, run_dir: str, conn: redis.Redis) -> Iterator[Start]:
+    started: list[Starter] = []
+
+    def _start(args: tuple[str, ...] = (), **env: str) -> Starter:
+        s = Starter(base_env(redis_url, run_dir, **env), args)
+        started.append(s)
+        return s
+
+    yield _start
+    for s in started:
+        s.stop()
+
+
+def finished(jobs: list[Job]) -> bool:
+    return all(j.get_status(refresh=True) == JobStatus.FINISHED for j in jobs)
+
+
+def ran(conn: redis.Redis, tag: str) -> Counter[str]:
+    return Counter(item.decode() for item in conn.lrange(f"testjobs:{tag}", 0, -1))
+
+
+def reforked_mold(s: Starter) -> dict | None:  # type: ignore[type-arg]
+    """The serving generation's mold once it is a promoted worker and every worker comes from it."""
+    status = s.try_status()
+    if status is None or status["serving_generation"] != status["generation"]:
+        return None
+    molds = [m for m in status["molds"] if m["generation"] == status["generation"] and m["reforked"]]
+    return molds[0] if molds and len(status["workers"]) == 3 else None
+
+
+@pytest.mark.parametrize("worker_class", ["rq.Worker", "rq.SimpleWorker"])
+def test_refork_under_a_stream_of_jobs_keeps_every_job_and_shares_what_jobs_loaded(
+    start: Start, conn: redis.Redis, worker_class: str
+) -> None:
+    s = start(
+        RESQUE_STARTER_APP="testapp",
+        RESQUE_STARTER_CONCURRENCY="3",
+        RESQUE_STARTER_REFORK_AFTER="2",
+        RESQUE_STARTER_WORKER_CLASS=worker_class,
+    )
+    old = {w["pid"] for w in s.wait_workers(3)}
+    old_mold = s.status()["molds"][0]["pid"]
+    queue = Queue(connection=conn)
+    stream: list[Job] = []
+
+    def produce() -> None:
+        producer = Queue(connection=redis.Redis.from_url(s.url))
+        for _ in range(150):
+            stream.append(producer.enqueue("testjobs.lazy_load"))
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    thread.join()
+    mold = wait_for(lambda: reforked_mold(s), 40, what="a reforked mold serving 3 workers")
+    assert isinstance(mold, dict)
+    wait_for(lambda: finished(stream), 40, what="every job of the stream")
+    done = ran(conn, "lazy")
+    assert set(done) == {j.id for j in stream}, "no job lost"
+    assert max(done.values()) == 1, "no job ran twice"
+    assert registries(conn) == {"queued": [], "started": [], "failed": []}
+    assert mold["pid"] in old, "the new mold is one of the old workers"
+    assert old_mold not in [m["pid"] for m in s.status()["molds"]], "the imported mold is gone"
+    assert not old & {w["pid"] for w in s.status()["workers"]}, "every worker was replaced"
+    assert [int(p) for p in conn.lrange("testapp:imports", 0, -1)] == [old_mold], "no new import"
+
+    conn.delete("testjobs:lazy")
+    later = [queue.enqueue("testjobs.lazy_load") for _ in range(6)]
+    wait_for(lambda: finished(later), 20, what="jobs on the reforked generation")
+    results = [Job.fetch(j.id, connection=conn).return_value() for j in later]
+    assert all(r["inherited"] and r["loaded_by"] == mold["pid"] for r in results), results
