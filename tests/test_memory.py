@@ -88,3 +88,64 @@ def test_refork_under_a_stream_of_jobs_keeps_every_job_and_shares_what_jobs_load
     wait_for(lambda: finished(later), 20, what="jobs on the reforked generation")
     results = [Job.fetch(j.id, connection=conn).return_value() for j in later]
     assert all(r["inherited"] and r["loaded_by"] == mold["pid"] for r in results), results
+
+
+def workers_of(conn: redis.Redis, jobs: list[Job]) -> list[str]:
+    return [Job.fetch(j.id, connection=conn).worker_name or "" for j in jobs]
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "jobs_per_worker"),
+    [("rq.SimpleWorker", 2), ("rq.Worker", 6)],
+    ids=["SimpleWorker-recycled", "Worker-leak-dies-with-the-horse"],
+)
+def test_max_memory_recycles_a_leaking_worker_between_jobs(
+    start: Start, conn: redis.Redis, worker_class: str, jobs_per_worker: int
+) -> None:
+    """A job leaking 48 MB into a module-level list grows the worker it runs in: a SimpleWorker (10 MB
+    at start) passes 80 MB after its second job and is recycled then; with rq.Worker the leak is in the
+    work-horse, which exits after each job, so the worker never grows and is never recycled."""
+    s = start(
+        RESQUE_STARTER_CONCURRENCY="1",
+        RESQUE_STARTER_MAX_MEMORY="80M",
+        RESQUE_STARTER_WORKER_CLASS=worker_class,
+    )
+    s.wait_workers(1)
+    queue = Queue(connection=conn)
+    jobs = [queue.enqueue("testjobs.leak", 48) for _ in range(6)]
+    wait_for(lambda: finished(jobs), 40, what="6 leaking jobs")
+    names = workers_of(conn, jobs)
+    runs = [names[i : i + jobs_per_worker] for i in range(0, 6, jobs_per_worker)]
+    assert all(len(set(run)) == 1 for run in runs), names
+    assert len(set(names)) == 6 // jobs_per_worker, names
+    assert s.log().count("recycling (max_memory)") == 6 // jobs_per_worker - (jobs_per_worker == 6)
+    assert registries(conn) == {"queued": [], "started": [], "failed": []}
+    s.wait_workers(1)
+    assert "crash" not in s.log()
+
+
+def test_max_jobs_recycles_after_every_job_without_counting_crashes(start: Start, conn: redis.Redis) -> None:
+    """Workers that exit cleanly within a second of start, again and again, are recycled, not a crash loop."""
+    s = start(RESQUE_STARTER_MAX_JOBS="1")
+    s.wait_workers(2)
+    queue = Queue(connection=conn)
+    jobs = [queue.enqueue("testjobs.record") for _ in range(12)]
+    wait_for(lambda: finished(jobs), 60, what="12 jobs, one per worker")
+    assert len(set(workers_of(conn, jobs))) == 12
+    assert max(ran(conn, "done").values()) == 1
+    s.wait_workers(2)
+    assert s.status()["restarts"] >= 12
+    assert "crash" not in s.log()
+
+
+def test_max_lifetime_waits_for_the_running_job(start: Start, conn: redis.Redis) -> None:
+    """A worker whose lifetime (2 s +-10%) ends during a 3 s job finishes the job, then is recycled."""
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_MAX_LIFETIME="2s")
+    first = s.wait_workers(1)[0]
+    job = Queue(connection=conn).enqueue("testjobs.sleep_then_record", 3)
+    wait_for(lambda: finished([job]), 20, what="the 3 s job")
+    assert Job.fetch(job.id, connection=conn).worker_name == first["name"]
+    assert "recycling (max_lifetime)" in s.log()
+    replacement = s.wait_workers(1)[0]
+    assert replacement["pid"] != first["pid"]
+    assert registries(conn) == {"queued": [], "started": [], "failed": []}
