@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from resque_starter import config, control, logs
+from resque_starter import config, control, logs, procmem
 from resque_starter.config import EXIT_CONFIG, ConfigError
 
 SUBCOMMANDS = ("run", "demo", "ctl")
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl_sub = p.add_subparsers(dest="ctl_command", required=True)
     s = ctl_sub.add_parser("status", help="slots, pids, generation, state, current job, memory")
     s.add_argument("--json", action="store_true", help="the stable JSON document")
+    s = ctl_sub.add_parser("mem", help="RSS, PSS, USS and shared memory of every process; the saving")
+    s.add_argument("--json", action="store_true", help="the JSON document")
     s = ctl_sub.add_parser("scale", help="set the worker count: N, +N or -N (of GROUP, default the first)")
     s.add_argument("target", nargs="+", metavar="[GROUP] N")
     ctl_sub.add_parser("pause", help="workers take no new job (USR2)")
@@ -89,6 +91,10 @@ def ctl(args: argparse.Namespace) -> int:
         if command == "status":
             status = control.request(run_dir, {"cmd": "status"})["status"]
             print(json.dumps(status, indent=2) if args.json else control.format_status(status))
+            return 0
+        if command == "mem":
+            mem = control.request(run_dir, {"cmd": "mem"})["mem"]
+            print(json.dumps(mem, indent=2) if args.json else procmem.format_report(mem))
             return 0
         if command == "drain":
             return 0 if control.drain(run_dir, args.timeout, print) else 1

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from resque_starter import protocol
+from resque_starter import procmem, protocol
 from resque_starter.config import ConfigError
 
 if TYPE_CHECKING:
@@ -169,6 +169,8 @@ def dispatch(sup: Supervisor, request: dict[str, Any]) -> dict[str, Any]:
     cmd = request.get("cmd")
     if cmd == "status":
         return {"ok": True, "status": sup.status()}
+    if cmd == "mem":
+        return {"ok": True, "mem": procmem.report(sup.status())}
     if cmd == "health":
         return health(sup, request.get("check", "live"))
     if cmd == "scale":

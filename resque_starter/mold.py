@@ -59,6 +59,8 @@ def run_mold(settings: Settings, generation: int, sock: socket.socket, promoted:
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGCONT):
             signal.signal(sig, signal.SIG_DFL)
         error = None if promoted else _preload(settings)
+        if error is None and not promoted:
+            _warm_worker_path()
         if error is not None:
             code, message = error
             protocol.send(sock, {"op": "error", "code": code, "message": message})
@@ -113,6 +115,16 @@ def _preload(settings: Settings) -> tuple[int, str] | None:
             except BaseException:
                 return _app_failure(f"the {name} hook")
     return None
+
+
+def _warm_worker_path() -> None:
+    """Load here, before the freeze, what every worker would otherwise load for itself after the fork:
+    the worker module, and what rq's first job builds lazily (datetime.strptime's module and caches)."""
+    from rq.utils import now, str_to_date, utcformat
+
+    import resque_starter.worker  # noqa: F401
+
+    str_to_date(utcformat(now()))
 
 
 def _is_prefix(name: str, module: str) -> bool:

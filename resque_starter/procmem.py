@@ -1,8 +1,17 @@
-"""Per-process memory from /proc/PID/smaps_rollup: what copy-on-write sharing actually saves."""
+"""Per-process memory from /proc/PID/smaps_rollup: what copy-on-write sharing actually saves.
+
+`report` turns the supervisor's status into the `ctl mem` document: every process of the tree
+(supervisor, molds, workers and their children: work-horses, rq's scheduler) with RSS, PSS, USS and
+shared bytes, the totals, and an estimate of what the workers would use with nothing shared.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+FIELDS = ("rss", "pss", "uss", "shared")
 
 
 @dataclass(frozen=True)
@@ -27,3 +36,94 @@ def read(pid: int | str = "self") -> Memory | None:
     uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
     shared = fields.get("Shared_Clean", 0) + fields.get("Shared_Dirty", 0)
     return Memory(rss=fields.get("Rss", 0), pss=fields.get("Pss", 0), uss=uss, shared=shared)
+
+
+def children(parents: set[int]) -> dict[int, int]:
+    """{pid: parent pid} of every live process whose parent is in `parents`."""
+    found: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid in parents:
+            found[int(entry)] = ppid
+    return found
+
+
+def report(status: dict[str, Any]) -> dict[str, Any]:
+    """The `ctl mem` document for a supervisor's `status()`; processes gone meanwhile are left out."""
+    rows: list[dict[str, Any]] = [{"role": "supervisor", "pid": status["pid"]}]
+    rows += [{"role": f"mold gen={m['generation']}", "pid": m["pid"]} for m in status["molds"]]
+    grouped = len(status["groups"]) > 1
+    slots = {
+        w["pid"]: f"{w['group']}:{w['slot']}" if grouped else str(w["slot"])
+        for w in status["workers"]
+        if w["pid"]
+    }
+    horses = {w.get("horse_pid") for w in status["workers"]}
+    rows += [{"role": f"worker[{slot}]", "pid": pid} for pid, slot in slots.items()]
+    for pid, parent in sorted(children(set(slots)).items()):
+        kind = "horse" if pid in horses else "child"
+        rows.append({"role": f"{kind}[{slots[parent]}]", "pid": pid})
+    processes = []
+    for row in rows:
+        mem = read(row["pid"])
+        if mem is not None:
+            processes.append({**row, **asdict(mem)})
+    total = {name: sum(p[name] for p in processes) for name in FIELDS}
+    workers = [p for p in processes if p["role"].startswith("worker[")]
+    jobs = [p for p in processes if not p["role"].startswith(("supervisor", "mold", "worker["))]
+    # Nothing shared: each worker would hold all it maps (its RSS), each job its own private memory.
+    unshared = sum(p["rss"] for p in workers) + sum(p["uss"] for p in jobs)
+    return {
+        "processes": processes,
+        "total": total,
+        "workers": len(workers),
+        "jobs": len(jobs),
+        "unshared": unshared,
+        "saved": round(1 - total["pss"] / unshared, 4) if unshared else None,
+    }
+
+
+def mb(value: int) -> str:
+    return f"{value / 2**20:.0f} MB" if value >= 10 * 2**20 else f"{value / 2**20:.1f} MB"
+
+
+def summary(mem: dict[str, Any]) -> str:
+    """The saving in one sentence a person reads at a glance."""
+    n = mem["workers"]
+    if n == 0:
+        return f"no workers; the supervisor and mold use {mb(mem['total']['pss'])} in all"
+    running = f" ({mem['jobs']} running a job)" if mem["jobs"] else ""
+    saved = mem["saved"] or 0.0
+    verdict = f"{saved:.0%} saved" if saved >= 0 else f"{-saved:.0%} more than unshared"
+    return (
+        f"{n} worker{'s' if n != 1 else ''}{running} with their mold and supervisor use "
+        f"{mb(mem['total']['pss'])} in all; {n} unshared cop{'ies' if n != 1 else 'y'} would use "
+        f"{mb(mem['unshared'])}: {verdict}"
+    )
+
+
+def format_report(mem: dict[str, Any]) -> str:
+    """The `ctl mem` table: one row a process, the totals, then the summary sentence."""
+    header = ("PROCESS", "PID", "RSS", "PSS", "USS", "SHARED")
+    rows = [header]
+    for p in mem["processes"]:
+        rows.append((p["role"], str(p["pid"]), *(mb(p[name]) for name in FIELDS)))
+    rows.append(("total", "", *(mb(mem["total"][name]) for name in FIELDS)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+        for row in rows
+    ]
+    notes = [
+        "",
+        summary(mem),
+        "(PSS splits each shared page among the processes that map it, so the PSS total is what the tree "
+        "costs; USS is private memory, what a process frees on exit; an unshared copy is a worker's RSS.)",
+    ]
+    return "\n".join(lines + notes)

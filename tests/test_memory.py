@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -12,7 +16,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from conftest import wait_for
-from starter import Starter, base_env, registries
+from starter import ROOT, Starter, base_env, registries
 
 Start = Callable[..., Starter]
 
@@ -149,3 +153,59 @@ def test_max_lifetime_waits_for_the_running_job(start: Start, conn: redis.Redis)
     replacement = s.wait_workers(1)[0]
     assert replacement["pid"] != first["pid"]
     assert registries(conn) == {"queued": [], "started": [], "failed": []}
+
+
+def ctl(s: Starter, *args: str) -> str:
+    argv = [sys.executable, "-m", "resque_starter", "ctl", "--run-dir", s.run_dir, *args]
+    out = subprocess.run(argv, capture_output=True, text=True, env=s.env, cwd=str(ROOT), timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_ctl_mem_shows_every_process_and_the_saving(start: Start, conn: redis.Redis) -> None:
+    s = start(RESQUE_STARTER_APP="bigapp", RESQUE_STARTER_CONCURRENCY="3")
+    workers = s.wait_workers(3)
+    job = Queue(connection=conn).enqueue("testjobs.sleep_then_record", 30)
+    horse = wait_for(
+        lambda: [w["horse_pid"] for w in s.status()["workers"] if w["horse_pid"]], what="a horse"
+    )
+    mem = json.loads(ctl(s, "mem", "--json"))
+    status = s.status()
+    roles = {p["pid"]: p["role"] for p in mem["processes"]}
+    assert roles[status["pid"]] == "supervisor"
+    assert roles[status["molds"][0]["pid"]] == "mold gen=1"
+    assert {roles[w["pid"]] for w in workers} == {"worker[0]", "worker[1]", "worker[2]"}
+    assert roles[horse[0]].startswith("horse[")  # type: ignore[index]
+    for p in mem["processes"]:
+        assert p["uss"] <= p["pss"] <= p["rss"] and p["uss"] + p["shared"] == p["rss"], p
+    assert mem["total"]["pss"] == sum(p["pss"] for p in mem["processes"])
+    assert (mem["workers"], mem["jobs"]) == (3, 1)
+    app = 30 * 2**20  # bigapp is about 40 MB: every worker maps it, none holds a copy of its own
+    assert all(
+        p["rss"] > app and p["uss"] < app / 2 for p in mem["processes"] if p["role"].startswith("worker")
+    )
+    assert mem["unshared"] > 3 * app and mem["saved"] > 0.4, mem
+    text = ctl(s, "mem")
+    assert "worker[0]" in text and "horse[" in text and "total" in text
+    sentence = (
+        r"3 workers \(1 running a job\) .* use \d+ MB in all;"
+        r" 3 unshared copies would use \d+ MB: (\d+)% saved"
+    )
+    match = re.search(sentence, text)
+    assert match and abs(int(match[1]) - 100 * mem["saved"]) <= 5, text
+    job.cancel()
+
+
+def test_a_full_collection_in_a_worker_leaves_the_app_shared(start: Start, conn: redis.Redis) -> None:
+    """gc.freeze() in the mold: a job calling gc.collect() inside the worker (rq.SimpleWorker) does not
+    touch, and so does not copy, the 40 MB the mold built."""
+    s = start(
+        RESQUE_STARTER_APP="bigapp",
+        RESQUE_STARTER_CONCURRENCY="1",
+        RESQUE_STARTER_WORKER_CLASS="rq.SimpleWorker",
+    )
+    s.wait_workers(1)
+    jobs = [Queue(connection=conn).enqueue("testjobs.collect") for _ in range(3)]
+    wait_for(lambda: finished(jobs), 20, what="3 collecting jobs")
+    worker = s.status()["workers"][0]
+    assert worker["uss"] < 20 * 2**20, f"worker USS {worker['uss'] >> 20} MB: the collection unshared the app"

@@ -90,3 +90,11 @@ def leak(megabytes: int = 32) -> int:
     _leak.append(bytearray(b"x" * (megabytes << 20)))
     _record("done")
     return len(_leak)
+
+
+def collect() -> int:
+    """A full collection, as many libraries run: it must not unshare the frozen app."""
+    import gc
+
+    _record("done")
+    return gc.collect()
