@@ -89,6 +89,31 @@ def report(status: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# A worker's own memory after the fork (about 8 MB: pages its refcount writes copy) and its work-horse's
+# (as much again), before anything a job allocates: what each worker adds to the shared app.
+WORKER_OVERHEAD = 16 * 2**20
+
+
+def fit(workers: int, supervisor: int, mold: int, limit: int | None, cpus: float | None) -> tuple[bool, str]:
+    """Whether `workers` workers fit a memory limit, and the estimate in words: the app once (the mold's
+    USS before any fork: every worker shares it), the supervisor, and WORKER_OVERHEAD per worker."""
+    need = supervisor + mold + workers * WORKER_OVERHEAD
+    cpu = f", CPU quota {cpus:g}" if cpus is not None else ""
+    estimate = (
+        f"estimated {mb(need)} = {mb(mold)} mold (the app and Python, shared by all workers) + "
+        f"{mb(supervisor)} supervisor + {workers} x {mb(WORKER_OVERHEAD)} per worker "
+        f"(a worker and its work-horse, before what jobs allocate)"
+    )
+    if limit is None:
+        return True, f"{workers} workers: {estimate}; no container memory limit{cpu}"
+    if need <= limit:
+        return True, f"{workers} workers fit the container's memory limit of {mb(limit)}{cpu}: {estimate}"
+    return False, (
+        f"{workers} workers may not fit the container's memory limit of {mb(limit)}{cpu}: {estimate}; "
+        f"lower RESQUE_STARTER_CONCURRENCY or raise the limit"
+    )
+
+
 def mb(value: int) -> str:
     return f"{value / 2**20:.0f} MB" if value >= 10 * 2**20 else f"{value / 2**20:.1f} MB"
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from resque_starter import config, control, embedded_redis, metrics, procmem, protocol
+from resque_starter import cgroups, config, control, embedded_redis, metrics, procmem, protocol
 from resque_starter.config import (
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -625,11 +625,21 @@ class Supervisor:
             if op == "ready":
                 mold.ready = True
                 log.info("mold gen=%d ready (app imported, heap frozen)", mold.generation)
+                self._check_fit(mold)
             elif op == "error":
                 code = int(message.get("code", EXIT_APP_IMPORT))
                 self._on_mold_error(mold, code, str(message.get("message")))
             elif op == "forked":
                 self._on_forked(str(message["token"]), int(message["pid"]))
+
+    def _check_fit(self, mold: Mold) -> None:
+        """Warn when the workers cannot fit the container's memory, estimated from the newly imported app."""
+        own, app = procmem.read(), procmem.read(mold.pid)
+        if own is None or app is None:
+            return
+        limit, cpus = cgroups.memory_limit(), cgroups.cpu_quota()
+        fits, message = procmem.fit(sum(self.sizes), own.uss, app.uss, limit, cpus)
+        (log.info if fits else log.warning)("memory: %s", message)
 
     def _on_mold_error(self, mold: Mold, code: int, message: str) -> None:
         mold.failed = True

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -209,3 +212,45 @@ def test_a_full_collection_in_a_worker_leaves_the_app_shared(start: Start, conn:
     wait_for(lambda: finished(jobs), 20, what="3 collecting jobs")
     worker = s.status()["workers"][0]
     assert worker["uss"] < 20 * 2**20, f"worker USS {worker['uss'] >> 20} MB: the collection unshared the app"
+
+
+V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[Path]:
+    """A real cgroup v1 memory controller directory with a 64 MB limit (root and cgroup v1 only)."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not (V1_MEMORY / "memory.limit_in_bytes").exists():
+        pytest.skip("needs root, unshare and a cgroup v1 memory controller")
+    path = V1_MEMORY / f"resque-starter-test-{os.getpid()}"
+    path.mkdir()
+    (path / "memory.limit_in_bytes").write_text(str(64 * 2**20))
+    yield path
+    path.rmdir()
+
+
+def test_start_warns_when_the_workers_cannot_fit_the_memory_limit(
+    redis_url: str, run_dir: str, conn: redis.Redis, memory_cgroup: Path
+) -> None:
+    """Seen through a mount namespace, as in a container, the limit is the cgroup's: 4 workers of 16 MB
+    each over the app and the supervisor do not fit 64 MB, and the warning says what was estimated."""
+    mount = 'mount --bind "$0" /sys/fs/cgroup/memory && exec "$@"'
+    prefix = ("unshare", "--mount", "--fork", "--kill-child", "sh", "-c", mount, str(memory_cgroup))
+    s = Starter(base_env(redis_url, run_dir, RESQUE_STARTER_CONCURRENCY="4"), prefix=prefix)
+    try:
+        s.wait_workers(4)
+        line = wait_for(lambda: [x for x in s.log().splitlines() if "memory: " in x], what="the memory check")
+        assert isinstance(line, list) and "WARNING" in line[0], line
+        assert "4 workers may not fit the container's memory limit of 64 MB: estimated " in line[0]
+        assert re.search(r"= [\d.]+ MB mold \(the app .* \+ 4 x 16 MB per worker", line[0]), line[0]
+    finally:
+        s.stop()
+
+
+def test_start_says_what_it_estimated_when_the_workers_fit(start: Start) -> None:
+    s = start(RESQUE_STARTER_APP="bigapp", RESQUE_STARTER_CONCURRENCY="2")
+    s.wait_workers(2)
+    line = [x for x in s.log().splitlines() if "memory: " in x]
+    assert len(line) == 1 and "WARNING" not in line[0], line
+    app = int(re.search(r"= (\d+) MB mold \(the app", line[0])[1])  # type: ignore[index]
+    assert 30 <= app <= 80, line[0]
