@@ -560,15 +560,6 @@ class StarterMixin:
 
     # --- stopping ------------------------------------------------------------------------------
 
-    def unsubscribe(self) -> None:
-        """rq's, with the pubsub thread stopped before the UNSUBSCRIBE: a thread that reads the reply
-        first waits in redis-py's get_message up to a minute for a new subscription, which holds up
-        every stop by rq's one-second join, and a worker promoted to mold must not fork beside it."""
-        thread = getattr(self, "pubsub_thread", None)
-        if thread is not None:
-            thread.stop()
-        super().unsubscribe()  # type: ignore[misc]
-
     def _recycle_if_due(self) -> None:
         if self._controls.stop:
             return
