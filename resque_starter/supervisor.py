@@ -605,20 +605,27 @@ class Supervisor:
             w.status.close()
 
     def _stop_mold(self, mold: Mold) -> None:
+        """A ready mold exits on request; one still importing (abandoned) cannot read it, so is killed."""
         del self.molds[mold.generation]
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(mold.sock)
+        if not mold.ready:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(mold.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             protocol.send(mold.sock, {"op": "exit"})
         mold.sock.close()
 
     def _on_mold_message(self, mold: Mold) -> None:
         try:
-            data = mold.sock.recv(65536)
+            data = mold.sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
-            self._selector.unregister(mold.sock)
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(mold.sock)
             return
         for message in mold.buffer.feed(data):
             op = message.get("op")
@@ -653,6 +660,8 @@ class Supervisor:
 
     def _on_mold_exit(self, mold: Mold, status: int) -> None:
         if self.molds.get(mold.generation) is mold:
+            if not mold.ready and not mold.failed:
+                self._on_mold_message(mold)  # the error it sent just before exiting may still be unread
             del self.molds[mold.generation]
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(mold.sock)
@@ -660,7 +669,7 @@ class Supervisor:
             if not mold.ready and not mold.failed:
                 how = describe_status(status)
                 self._on_mold_error(mold, EXIT_APP_IMPORT, f"the mold exited before it was ready ({how})")
-            elif self.exit_code is None:
+            elif self.exit_code is None and not mold.failed:
                 log.warning(
                     "mold gen=%d exited (%s); starting another", mold.generation, describe_status(status)
                 )
