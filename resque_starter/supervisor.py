@@ -364,6 +364,7 @@ class Supervisor:
         self._reap()
         if self.exit_code is not None:
             return
+        self._update_serving()
         self._converge_molds()
         if self.exit_code is not None:
             return
@@ -494,12 +495,27 @@ class Supervisor:
         )
         self.recoveries[w.spec.name] = Recovery(w.spec.name, w.queues, shutdown, reason, after_pid)
 
+    def _update_serving(self) -> None:
+        """The current generation serves once its mold is ready and every worker is its own and ready."""
+        mold = self.molds.get(self.generation)
+        if mold is None or not mold.ready or self.serving_generation == self.generation:
+            return
+        if (self.workers or not sum(self.sizes)) and all(
+            w.ready and w.spec.generation == self.generation for w in self.workers.values()
+        ):
+            log.info("generation %d is serving", self.generation)
+            self.serving_generation = self.generation
+
     def _converge_molds(self) -> None:
+        """Start the current generation's mold; stop an old one once it has no workers. The serving
+        generation's mold stays until the next one serves: an abandoned reload falls back on it."""
         needed = self.stop_level is None or (self.recoveries and not self.molds)
         if self.generation not in self.molds and needed:
             self._start_mold(self.generation)
         for gen, mold in list(self.molds.items()):
-            if gen != self.generation and not any(w.spec.generation == gen for w in self.workers.values()):
+            if gen in (self.generation, self.serving_generation):
+                continue
+            if not any(w.spec.generation == gen for w in self.workers.values()):
                 self._stop_mold(mold)
 
     def _converge_slots(self) -> None:
@@ -528,10 +544,6 @@ class Supervisor:
                 if old and len(self.workers) >= limit:
                     continue
                 self._spawn(mold, group, slot)
-        if all(w.ready and w.spec.generation == self.generation for w in self.workers.values()):
-            if self.serving_generation != self.generation and self.workers:
-                log.info("generation %d is serving", self.generation)
-            self.serving_generation = self.generation
 
     def _converge_stop(self) -> None:
         assert self.stop_level is not None and self.stop_deadline is not None
@@ -653,6 +665,11 @@ class Supervisor:
         if self.serving_generation == 0:
             log.error("%s", message)
             self.exit_code = code if code in (EXIT_CONFIG, EXIT_APP_IMPORT) else EXIT_APP_IMPORT
+            return
+        if mold.generation == self.serving_generation:
+            log.error("the serving mold died and its restart failed, stopping: %s", message)
+            self.request_stop(GRACEFUL)
+            self._pending_exit = EXIT_APP_IMPORT
             return
         self.reload_error = f"generation {mold.generation}: {message}"
         log.error("reload failed, generation %d keeps serving: %s", self.serving_generation, message)

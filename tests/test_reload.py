@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,13 +196,14 @@ def test_reload_under_a_stream_of_jobs_loses_nothing_runs_new_code_and_keeps_the
     after_reload = len(producer.jobs)
     wait_for(lambda: len(producer.jobs) >= after_reload + 30, what="jobs enqueued after the reload")
     enqueued = producer.stop()
-    wait_for(lambda: conn.llen("reloadapp:done") >= len(enqueued), 30, what="every job to finish")
+    wait_for(lambda: conn.llen("reloadapp:done") >= len(enqueued), 30, what="every job to run")
+    empty = {"queued": [], "started": [], "failed": []}
+    wait_for(lambda: registries(conn) == empty, what="every job to finish")
     sampler.stop()
 
     done = collections.Counter(i.decode() for i in conn.lrange("reloadapp:done", 0, -1))
     assert [i for i, count in done.items() if count > 1] == [], "a job ran twice"
     assert set(done) == set(enqueued), "every job enqueued before, during and after the HUP ran"
-    assert registries(conn) == {"queued": [], "started": [], "failed": []}
 
     assert max(sampler.process_counts) == n + 1, "new workers overlap old ones, one surge process at most"
     assert min(sampler.capacity) >= n, "an old worker stops only once replaced"
@@ -452,3 +454,55 @@ def test_a_second_hup_while_the_new_mold_still_imports_abandons_it_cleanly(start
     assert "mold gen=2 failed" not in s.log() and "Traceback" not in s.log(), "abandoning is no error"
     assert status["reload_error"] is None
     assert result(conn, enqueue(conn)) == "v3"
+
+
+def test_a_failed_reload_with_no_workers_keeps_the_old_mold_and_does_not_loop(start, conn, app: App) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="0")
+    wait_for(lambda: (s.try_status() or {}).get("serving_generation") == 1, what="generation 1 serving")
+    [old_mold] = s.status()["molds"]
+    app.break_it("raise RuntimeError('broken on purpose')\n")
+    s.signal(signal.SIGHUP)
+    wait_for(lambda: s.status()["reload_error"], what="the reload to fail")
+    wait_for(lambda: len(s.status()["molds"]) == 1, what="the failed mold dropped")
+    assert s.status()["molds"] == [old_mold], "the serving mold stays, even with no worker of its own"
+    s.signal(signal.SIGTTIN)
+    s.wait_workers(1)
+    assert result(conn, enqueue(conn)) == "v1"
+    assert len(re.findall(r"mold gen=\d+ pid \d+: importing", s.log())) == 2, "no retry loop"
+
+
+def test_a_serving_mold_that_cannot_be_restarted_stops_the_supervisor_without_a_loop(
+    start, conn, app: App
+) -> None:
+    s = start()
+    s.wait_workers(2)
+    [mold] = s.status()["molds"]
+    job = enqueue(conn, 2)
+    wait_for(lambda: conn.llen("reloadapp:started"), what="a job to start")
+    app.break_it("raise RuntimeError('broken on purpose')\n")
+    os.kill(mold["pid"], signal.SIGKILL)
+    assert s.wait_exit(30) == 3, "the application no longer imports: exit 3 after a drain"
+    assert result(conn, job) == "v1", "the running job finished first"
+    assert len(re.findall(r"mold gen=\d+ pid \d+: importing", s.log())) == 2, "no retry loop"
+    assert registries(conn) == {"queued": [], "started": [], "failed": []}
+
+
+def test_a_scaled_count_survives_a_reload_unless_the_config_file_changes_it(
+    start, conn, app: App, tmp_path: Path
+) -> None:
+    conf = tmp_path / "conf.py"
+    conf.write_text("concurrency = 1\n")
+    s = start(RESQUE_STARTER_CONFIG=str(conf), RESQUE_STARTER_CONCURRENCY="")
+    s.wait_workers(1)
+    assert s.ctl({"cmd": "scale", "n": "+1"})["ok"]
+    s.wait_workers(2)
+    s.signal(signal.SIGHUP)
+    assert served_by(s, 2, 2)["groups"][0]["size"] == 2, "the config did not change: the scaled count stays"
+    conf.write_text("concurrency = 'three'\n")
+    reply = s.ctl({"cmd": "reload"})
+    assert not reply["ok"] and "RESQUE_STARTER_CONCURRENCY" in reply["error"], "a bad config is refused"
+    status = s.status()
+    assert status["generation"] == 2 and status["reload_error"] == reply["error"]
+    conf.write_text("concurrency = 3\n")
+    s.signal(signal.SIGHUP)
+    assert served_by(s, 3, 3)["groups"][0]["size"] == 3, "a count changed in the config file is applied"
