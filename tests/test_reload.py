@@ -506,3 +506,15 @@ def test_a_scaled_count_survives_a_reload_unless_the_config_file_changes_it(
     conf.write_text("concurrency = 3\n")
     s.signal(signal.SIGHUP)
     assert served_by(s, 3, 3)["groups"][0]["size"] == 3, "a count changed in the config file is applied"
+
+
+def test_quit_while_the_new_mold_still_imports_exits_0_and_leaves_nothing(start, conn, app: App) -> None:
+    s = start()
+    s.wait_workers(2)
+    app.write("v2", extra="time.sleep(30)")
+    s.signal(signal.SIGHUP)
+    wait_for(lambda: any(m["generation"] == 2 for m in s.status()["molds"]), what="the generation-2 mold")
+    tree = descendants(s.pid)
+    s.signal(signal.SIGQUIT)
+    assert s.wait_exit(20) == 0
+    assert [p for p in tree if process_state(p) is not None] == [], "the importing mold is not left behind"
