@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import gc
 import logging
 import os
 import random
@@ -588,6 +589,7 @@ class Supervisor:
 
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         settings = self.settings
+        gc.freeze()  # neither our collections nor the mold's examine, and so copy, the pages we share
         pid = os.fork()
         if pid == 0:
             parent_sock.close()
