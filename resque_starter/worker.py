@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -32,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, NoReturn
@@ -47,7 +49,7 @@ from rq.worker import BaseWorker, DequeueStrategy, WorkerStatus
 from rq.worker import Worker as ForkingWorker
 from setproctitle import setproctitle
 
-from resque_starter import protocol, recovery
+from resque_starter import prefork, protocol, recovery
 from resque_starter.config import Settings, mask_url
 from resque_starter.protocol import WorkerSpec
 
@@ -474,10 +476,14 @@ class StarterMixin:
         return execution
 
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
-        super().fork_work_horse(job, queue)
+        self._start_horse(job, queue)
         self._send_busy(horse=self.horse_pid)
         if self._interrupts:  # the signal came before there was a horse to kill
             self.kill_horse()
+
+    def _start_horse(self, job: Job, queue: Queue) -> None:
+        """rq forks the horse here; PreforkHorseMixin hands the job to one forked in advance instead."""
+        super().fork_work_horse(job, queue)
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         super().prepare_job_execution(job, remove_from_intermediate_queue)
@@ -621,6 +627,148 @@ class StarterMixin:
         self._requeued += outcome == recovery.REQUEUED
 
 
+class PreforkHorseMixin(StarterMixin):
+    """RESQUE_STARTER_PREFORK_HORSE over rq.Worker: fork time and exit time off the job's path.
+
+    The next horse is forked while the current job runs (or at start) and waits; a dequeued job is
+    handed to it by id, and it fetches the Job and the Execution fresh from Redis (as rq's SpawnWorker
+    does) and runs rq's main_work_horse. When perform_job returns it says so and exits; the worker
+    goes on at once and a reaper thread collects it. So each job still gets its own process. The rest
+    is rq's and StarterMixin's: monitor_work_horse (heartbeats, the death of a horse, the timeout
+    kill), kill_horse, the busy event with the horse's pid, results, retries, registries.
+
+    With max_memory set, neither a spare nor an exiting horse may exist when the worker measures its
+    USS (they share its pages, which would hide them): the worker then waits for its horse's exit as
+    rq does, and forks the spare only after each job's recycle check.
+    """
+
+    _spare: prefork.Horse | None = None  # forked, waiting for a job
+    _horse: prefork.Horse | None = None  # running the current job
+    _reaper: prefork.Reaper | None = None
+    _report_done: Callable[[], None] | None = None  # in a horse
+    _horse_pid: int
+    _is_horse: bool
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        super().bootstrap(*args, **kwargs)  # type: ignore[misc]
+        os.register_at_fork(after_in_child=self._close_in_child)
+        self._reaper = prefork.Reaper()
+        if not self._measures_memory:
+            self._ensure_spare()
+
+    def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
+        if not self._measures_memory:
+            self._ensure_spare()  # while the horse runs the job
+        super().monitor_work_horse(job, queue, execution)  # type: ignore[misc]
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        super().execute_job(job, queue)
+        self._ensure_spare()
+
+    def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
+        """rq waits for the horse's exit; a horse that reported its job done counts as exited 0."""
+        horse = self._horse
+        if horse is not None and not self._measures_memory and horse.wait_done():
+            assert self._reaper is not None
+            self._horse = None
+            horse.close()
+            self._reaper.add(horse.pid)
+            return horse.pid, os.EX_OK, None
+        result = super().wait_for_horse()  # type: ignore[misc]
+        if horse is not None:
+            self._horse = None
+            horse.close()
+        return result
+
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        finished = super().perform_job(job, queue, execution)  # type: ignore[misc]
+        if self._report_done is not None:
+            self._report_done()
+        return finished
+
+    def teardown(self) -> None:
+        if not self.is_horse:
+            for horse in (self._spare, self._horse):
+                if horse is not None:
+                    horse.discard()
+            self._spare = self._horse = None
+            if self._reaper is not None:
+                self._reaper.close()
+        super().teardown()
+
+    @property
+    def _measures_memory(self) -> bool:
+        return self._context.settings.max_memory is not None
+
+    def _start_horse(self, job: Job, queue: Queue) -> None:
+        execution = self.execution  # type: ignore[attr-defined]
+        os.environ["RQ_WORKER_ID"] = self.name
+        os.environ["RQ_JOB_ID"] = job.id
+        message = json.dumps([job.id, execution.id, queue.name]).encode()
+        horse, self._spare = self._spare or self._fork_horse(), None
+        try:
+            horse.hand(message)
+        except ConnectionError:
+            self.log.warning("Worker %s: pre-forked horse %s died idle; forking one", self.name, horse.pid)
+            horse = self._fork_horse()
+            horse.hand(message)
+        self._horse = horse
+        self._horse_pid = horse.pid
+        self.procline(f"Handed {job.id} to horse {horse.pid}")
+
+    def _ensure_spare(self) -> None:
+        if self._spare is not None or self._controls.stop:
+            return
+        try:
+            self._spare = self._fork_horse()
+        except OSError as exc:  # EAGAIN, ENOMEM: the hand-off forks one when a job comes
+            self.log.warning("Worker %s: could not pre-fork a horse: %s", self.name, exc)
+
+    def _fork_horse(self) -> prefork.Horse:
+        return prefork.Horse.fork(self._wait_as_spare, self._run_handed_job)
+
+    def _close_in_child(self) -> None:
+        """In any child of the worker (a horse, rq's scheduler): the worker's horse sockets are not its."""
+        for horse in (self._spare, self._horse):
+            if horse is not None:
+                horse.close()
+        self._spare = self._horse = None
+        self._reaper = None
+
+    # --- in the horse --------------------------------------------------------------------------
+
+    def _wait_as_spare(self) -> None:
+        """Forget the worker's job, if any, and connect to Redis before a job comes (best effort)."""
+        self._is_horse = True
+        self._horse_pid = 0
+        self._running = None
+        self.executions = {}
+        self.setup_work_horse_signals()  # type: ignore[attr-defined]
+        self._set_title("horse pre-forked, waiting for a job")
+        with contextlib.suppress(redis.exceptions.RedisError):
+            self.connection.ping()
+
+    def _run_handed_job(self, message: bytes, report_done: Callable[[], None]) -> None:
+        job_id, execution_id, queue_name = json.loads(message)
+        os.environ["RQ_WORKER_ID"] = self.name
+        os.environ["RQ_JOB_ID"] = job_id
+        job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
+        execution = Execution.fetch(execution_id, job_id, connection=self.connection)
+        execution._job = job
+        self.executions = {execution.id: execution}
+        queue = next(q for q in self.queues if q.name == queue_name)
+        self._running = Running(job.id, _func_name(job), queue.name, time.time())
+        self._report_done = report_done
+        self.main_work_horse(job, queue)  # type: ignore[attr-defined]
+
+
+def forks_horses(worker_class: type[BaseWorker]) -> bool:
+    """Whether the class forks a horse per job the way rq.Worker does (not SimpleWorker, SpawnWorker)."""
+    if not issubclass(worker_class, ForkingWorker):
+        return False
+    return worker_class.fork_work_horse is ForkingWorker.fork_work_horse
+
+
 # --- the process ---------------------------------------------------------------------------------
 
 
@@ -735,7 +883,13 @@ def build_worker(context: Context) -> StarterMixin:
     user_class = import_attribute(settings.worker_class)
     if not (isinstance(user_class, type) and issubclass(user_class, BaseWorker)):
         raise TypeError(f"{settings.worker_class} is not an rq worker class")
-    worker_class = type("StarterWorker", (StarterMixin, user_class), {})
+    mixin: type[StarterMixin] = StarterMixin
+    if settings.prefork_horse and forks_horses(user_class):
+        mixin = PreforkHorseMixin
+    elif settings.prefork_horse:
+        log.info("worker[%s]: RESQUE_STARTER_PREFORK_HORSE ignored: %s does not fork a horse per job",
+                 context.label, settings.worker_class)  # fmt: skip
+    worker_class = type("StarterWorker", (mixin, user_class), {})
     assert settings.redis_url
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT)
     tunables = {
