@@ -149,15 +149,24 @@ def test_simulated_kubelet_term_then_sigkill_loses_nothing(start, conn) -> None:
             assert job.id in regs["queued"]
 
 
-def test_a_worker_killed_mid_job_leaves_its_job_failed_with_a_reason(start, conn) -> None:
-    s = start(RESQUE_STARTER_CONCURRENCY="1")
+@pytest.mark.parametrize("prefork", ["false", "true"])
+def test_a_worker_killed_mid_job_leaves_its_job_failed_with_a_reason(start, conn, prefork: str) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_PREFORK_HORSE=prefork)
     [worker] = s.wait_workers(1)
     job = Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 60)
     wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
     busy = wait_for(lambda: [w for w in s.status()["workers"] if w["state"] == "busy"], what="busy status")
     horse = busy[0]["horse_pid"]  # type: ignore[index]
     assert horse
-    os.kill(_host_pid(s, worker["pid"]), signal.SIGKILL)
+    host_pid = _host_pid(s, worker["pid"])
+    expected = 2 if prefork == "true" else 1  # the horse, and the next one pre-forked while it runs
+
+    def horses() -> list[int] | None:
+        found = _children(host_pid)
+        return found if len(found) == expected else None
+
+    kids: list[int] = wait_for(horses, what="the worker's horses")  # type: ignore[assignment]
+    os.kill(host_pid, signal.SIGKILL)
     wait_for(lambda: job.get_status(refresh=True) == JobStatus.FAILED, 10, what="the job to be failed")
     result = Job.fetch(job.id, connection=conn).latest_result()
     assert result is not None and "died" in (result.exc_string or "")
@@ -165,8 +174,15 @@ def test_a_worker_killed_mid_job_leaves_its_job_failed_with_a_reason(start, conn
     wait_for(
         lambda: not [p for p in descendants(s.proc.pid) if "sleep_then_record" in _cmd(p)], what="horse gone"
     )
+    wait_for(lambda: all(process_state(p) is None for p in kids), what="its horses dead and reaped")
+    assert not zombies(s)
     s.wait_workers(1)
     assert worker["name"] not in {w["name"] for w in s.status()["workers"]}
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
 
 
 def _host_pid(s: Starter, ns_pid: int) -> int:

@@ -36,6 +36,10 @@ def enqueue(conn, func: str, *args, queue: str = "default", **kwargs) -> Job:  #
     return Queue(queue, connection=conn).enqueue(func, *args, **kwargs)
 
 
+# RESQUE_STARTER_PREFORK_HORSE off and on: the pre-forked horse passes the same signal checks.
+PREFORK = pytest.mark.parametrize("prefork", ["false", "true"])
+
+
 def wait_status(conn, job: Job, status: JobStatus, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
     wait_for(lambda: job.get_status(refresh=True) == status, timeout, what=f"job {job.id} to be {status}")
 
@@ -66,8 +70,9 @@ def test_jobs_from_another_process_run_on_workers_forked_from_one_mold(start, co
     assert any("resque-starter: worker[0] gen=1" in cmdline(p) for p in worker_pids)
 
 
-def test_quit_lets_the_running_job_finish_and_leaves_nothing_behind(start, conn) -> None:
-    s = start()
+@PREFORK
+def test_quit_lets_the_running_job_finish_and_leaves_nothing_behind(start, conn, prefork: str) -> None:
+    s = start(RESQUE_STARTER_PREFORK_HORSE=prefork)
     s.wait_workers(2)
     job = enqueue(conn, "testjobs.sleep_then_record", 2)
     wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
@@ -97,8 +102,9 @@ def test_term_follows_resque_starter_term(start, conn, term: str) -> None:
     assert registries(conn)["started"] == []
 
 
-def test_int_requeues_the_running_job_at_the_front_and_exits_1(start, conn) -> None:
-    s = start(RESQUE_STARTER_CONCURRENCY="1")
+@PREFORK
+def test_int_requeues_the_running_job_at_the_front_and_exits_1(start, conn, prefork: str) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_PREFORK_HORSE=prefork)
     s.wait_workers(1)
     long_job = enqueue(conn, "testjobs.sleep_then_record", 60)
     wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
@@ -136,8 +142,9 @@ def test_drain_timeout_escalates_on_its_own(start, conn) -> None:
     assert registries(conn)["queued"] == [job.id]
 
 
-def test_usr1_kills_running_jobs_and_workers_go_on(start, conn) -> None:
-    s = start(RESQUE_STARTER_CONCURRENCY="1")
+@PREFORK
+def test_usr1_kills_running_jobs_and_workers_go_on(start, conn, prefork: str) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_PREFORK_HORSE=prefork)
     [worker] = s.wait_workers(1)
     job = enqueue(conn, "testjobs.sleep_then_record", 60)
     wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")

@@ -21,32 +21,24 @@ from resque_starter.recovery import REQUEUES_META_KEY, claim_key, recover_worker
 
 from conftest import RedisServer, wait_for
 from worker_harness import (
+    EVERY_CLASS,
+    FORKING_CLASSES,
+    Start,
     WorkerProcess,
     claim_keys,
-    fork_worker,
-    make_settings,
     new_spec,
     proctitle,
     worker_processes,
 )
 
-BOTH_CLASSES = pytest.mark.parametrize("worker_class", ["rq.Worker", "rq.SimpleWorker"])
-Start = Callable[..., WorkerProcess]
+EVERY = pytest.mark.parametrize("worker_class", EVERY_CLASS)
+FORKING = pytest.mark.parametrize("worker_class", FORKING_CLASSES)
 
 
 @pytest.fixture
 def start(redis_url: str, conn: redis.Redis) -> Iterator[Start]:
-    with worker_processes() as started:
-
-        def _start(
-            queues: tuple[str, ...] = ("default",), spec: Any = None, **overrides: Any
-        ) -> WorkerProcess:
-            url = overrides.pop("redis_url", redis_url)
-            process = fork_worker(make_settings(url, queues, **overrides), spec or new_spec())
-            started.append(process)
-            return process
-
-        yield _start
+    with worker_processes(redis_url) as start:
+        yield start
 
 
 def done_ids(conn: redis.Redis, tag: str = "done") -> list[str]:
@@ -80,7 +72,7 @@ def assert_nothing_held(conn: redis.Redis, queue: Queue, name: str) -> None:
 # --- running jobs and reporting --------------------------------------------------------------------
 
 
-@BOTH_CLASSES
+@EVERY
 def test_runs_jobs_and_reports_events_in_order(start: Start, conn: redis.Redis, worker_class: str) -> None:
     queue = Queue("default", connection=conn)
     worker = start(worker_class=worker_class)
@@ -92,7 +84,7 @@ def test_runs_jobs_and_reports_events_in_order(start: Start, conn: redis.Redis, 
     busy = worker.expect("busy")
     assert (busy["job"], busy["func"], busy["queue"]) == (job.id, "testjobs.record", "default")
     assert abs(busy["started"] - time.time()) < 30
-    if worker_class == "rq.Worker":
+    if worker_class != "rq.SimpleWorker":
         assert isinstance(busy["horse"], int) and busy["horse"] != worker.pid
     else:
         assert busy["horse"] is None
@@ -130,8 +122,9 @@ def test_group_label_in_title_when_several_groups(start: Start, redis_url: str) 
     wait_for(lambda: "worker[low,default:1] gen=1 idle queues=low,default" in proctitle(worker.pid))
 
 
-def test_horse_does_not_keep_the_status_socket(start: Start, conn: redis.Redis) -> None:
-    worker = start()
+@FORKING
+def test_horse_does_not_keep_the_status_socket(start: Start, conn: redis.Redis, worker_class: str) -> None:
+    worker = start(worker_class=worker_class)
     worker.expect("ready")
     Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 30)
     horse = worker.expect("busy")["horse"]
@@ -188,7 +181,7 @@ def test_round_robin_strategy(start: Start, conn: redis.Redis) -> None:
 # --- graceful stop ---------------------------------------------------------------------------------
 
 
-@BOTH_CLASSES
+@EVERY
 def test_term_during_a_job_lets_it_finish(start: Start, conn: redis.Redis, worker_class: str) -> None:
     queue = Queue("default", connection=conn)
     worker = start(worker_class=worker_class)
@@ -205,9 +198,10 @@ def test_term_during_a_job_lets_it_finish(start: Start, conn: redis.Redis, worke
     assert_nothing_held(conn, queue, worker.name)
 
 
+@FORKING
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT])
-def test_stop_when_idle_is_prompt(start: Start, conn: redis.Redis, signum: int) -> None:
-    worker = start()
+def test_stop_when_idle_is_prompt(start: Start, conn: redis.Redis, signum: int, worker_class: str) -> None:
+    worker = start(worker_class=worker_class)
     worker.expect("ready")
     wait_for(lambda: "idle" in proctitle(worker.pid), what="idle")
     began = time.monotonic()
@@ -244,7 +238,7 @@ def start_long_job(start: Start, conn: redis.Redis, **overrides: Any) -> tuple[W
     return worker, job, queue.enqueue("testjobs.record")
 
 
-@BOTH_CLASSES
+@EVERY
 def test_int_requeues_the_running_job_at_the_front(
     start: Start, conn: redis.Redis, worker_class: str
 ) -> None:
@@ -264,7 +258,7 @@ def test_int_requeues_the_running_job_at_the_front(
     assert Worker.all(connection=conn) == []
 
 
-@BOTH_CLASSES
+@EVERY
 def test_int_fails_the_job_after_max_requeues(start: Start, conn: redis.Redis, worker_class: str) -> None:
     worker, job, _ = start_long_job(start, conn, worker_class=worker_class, max_requeues=1)
     worker.signal(signal.SIGINT)
@@ -285,7 +279,7 @@ def test_int_fails_the_job_after_max_requeues(start: Start, conn: redis.Redis, w
     assert_nothing_held(conn, Queue("default", connection=conn), again.name)
 
 
-@BOTH_CLASSES
+@EVERY
 def test_int_fails_the_job_when_requeue_is_off(start: Start, conn: redis.Redis, worker_class: str) -> None:
     worker, job, waiting = start_long_job(start, conn, worker_class=worker_class, requeue_interrupted=False)
     worker.signal(signal.SIGINT)
@@ -300,7 +294,7 @@ def test_int_fails_the_job_when_requeue_is_off(start: Start, conn: redis.Redis, 
 # --- killing the job -------------------------------------------------------------------------------
 
 
-@BOTH_CLASSES
+@EVERY
 def test_usr1_kills_the_job_and_the_worker_goes_on(
     start: Start, conn: redis.Redis, worker_class: str
 ) -> None:
@@ -317,7 +311,7 @@ def test_usr1_kills_the_job_and_the_worker_goes_on(
     assert worker.wait() == 0
 
 
-@BOTH_CLASSES
+@EVERY
 def test_usr1_honours_the_jobs_retry(start: Start, conn: redis.Redis, worker_class: str) -> None:
     queue = Queue("default", connection=conn)
     worker = start(worker_class=worker_class)
@@ -336,10 +330,13 @@ def test_usr1_honours_the_jobs_retry(start: Start, conn: redis.Redis, worker_cla
     assert worker.wait() == 0
 
 
-def test_killing_a_job_right_after_the_fork_spares_the_worker(start: Start, conn: redis.Redis) -> None:
+@FORKING
+def test_killing_a_job_right_after_the_fork_spares_the_worker(
+    start: Start, conn: redis.Redis, worker_class: str
+) -> None:
     """Before its os.setpgrp() the horse is in the worker's process group: rq's killpg would hit it."""
     queue = Queue("default", connection=conn)
-    worker = start()
+    worker = start(worker_class=worker_class)
     worker.expect("ready")
     for _ in range(10):
         queue.enqueue("testjobs.sleep_then_record", 30)
@@ -367,7 +364,7 @@ def worker_state(conn: redis.Redis, name: str) -> str | None:
     return state.decode() if state else None
 
 
-@BOTH_CLASSES
+@EVERY
 def test_pause_stops_intake_even_while_blocked(start: Start, conn: redis.Redis, worker_class: str) -> None:
     queue = Queue("default", connection=conn)
     worker = start(worker_class=worker_class)
@@ -390,8 +387,9 @@ def test_pause_stops_intake_even_while_blocked(start: Start, conn: redis.Redis, 
     assert worker.wait() == 0
 
 
-def test_pause_during_a_job_lets_it_finish(start: Start, conn: redis.Redis) -> None:
-    worker = start()
+@FORKING
+def test_pause_during_a_job_lets_it_finish(start: Start, conn: redis.Redis, worker_class: str) -> None:
+    worker = start(worker_class=worker_class)
     worker.expect("ready")
     job = Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 0.5)
     worker.expect("busy")
@@ -417,9 +415,12 @@ def test_starts_paused_when_asked(start: Start, conn: redis.Redis) -> None:
 # --- dying and recovery ----------------------------------------------------------------------------
 
 
+@FORKING
 @pytest.mark.parametrize("requeue", [False, True])
-def test_sigkill_mid_job_then_recover(start: Start, conn: redis.Redis, requeue: bool) -> None:
-    worker, job, waiting = start_long_job(start, conn)
+def test_sigkill_mid_job_then_recover(
+    start: Start, conn: redis.Redis, requeue: bool, worker_class: str
+) -> None:
+    worker, job, waiting = start_long_job(start, conn, worker_class=worker_class)
     worker.kill()  # the worker and its horse, as the supervisor does
     queue = Queue("default", connection=conn)
     assert job.id in StartedJobRegistry(queue=queue).get_job_ids(cleanup=False)
@@ -496,10 +497,11 @@ def test_claim_of_a_deleted_job_is_dropped(start: Start, conn: redis.Redis) -> N
 # --- recycling -------------------------------------------------------------------------------------
 
 
-def test_max_jobs_recycles(start: Start, conn: redis.Redis) -> None:
+@FORKING
+def test_max_jobs_recycles(start: Start, conn: redis.Redis, worker_class: str) -> None:
     queue = Queue("default", connection=conn)
     jobs = [queue.enqueue("testjobs.record") for _ in range(3)]
-    worker = start(max_jobs=2)
+    worker = start(max_jobs=2, worker_class=worker_class)
     worker.expect("ready")
     for _ in range(2):
         worker.expect("busy")

@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -96,7 +96,16 @@ def leads_own_group(pid: int) -> bool:
         return False
 
 
+# A worker_class parameter of PREFORK means rq.Worker with RESQUE_STARTER_PREFORK_HORSE, so the same
+# tests check the plain classes and the pre-forked horse.
+PREFORK = "prefork"
+EVERY_CLASS = ("rq.Worker", "rq.SimpleWorker", PREFORK)
+FORKING_CLASSES = ("rq.Worker", PREFORK)
+
+
 def make_settings(redis_url: str, queues: tuple[str, ...] = ("default",), **overrides: Any) -> Settings:
+    if overrides.get("worker_class") == PREFORK:
+        overrides = {**overrides, "worker_class": "rq.Worker", "prefork_horse": True}
     base = replace(
         Settings(),
         redis_url=redis_url,
@@ -128,11 +137,22 @@ def fork_worker(settings: Settings, spec: WorkerSpec) -> WorkerProcess:
     return WorkerProcess(pid, parent, spec.name, status_fd)
 
 
+Start = Callable[..., WorkerProcess]
+
+
 @contextlib.contextmanager
-def worker_processes() -> Iterator[list[WorkerProcess]]:
+def worker_processes(redis_url: str) -> Iterator[Start]:
+    """A function that forks a worker with make_settings(...) overrides; every one is killed at the end."""
     started: list[WorkerProcess] = []
+
+    def start(queues: tuple[str, ...] = ("default",), spec: Any = None, **overrides: Any) -> WorkerProcess:
+        url = overrides.pop("redis_url", redis_url)
+        process = fork_worker(make_settings(url, queues, **overrides), spec or new_spec())
+        started.append(process)
+        return process
+
     try:
-        yield started
+        yield start
     finally:
         for process in started:
             process.kill()

@@ -1,0 +1,221 @@
+"""RESQUE_STARTER_PREFORK_HORSE: what only the pre-forked horse does, plus the job-safety checks no other
+file has, for both forking kinds. The signal checks it shares with rq.Worker run in test_worker.py,
+test_supervisor.py and test_pid1.py with a PREFORK parameter."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+from test_worker import assert_nothing_held, done_ids, latest_failure
+
+from resque_starter.config import Hooks
+
+from conftest import wait_for
+from starter import process_state
+from worker_harness import (
+    FORKING_CLASSES,
+    PREFORK,
+    Start,
+    WorkerProcess,
+    leads_own_group,
+    new_spec,
+    proctitle,
+    worker_processes,
+)
+
+FORKING = pytest.mark.parametrize("worker_class", FORKING_CLASSES)
+SPARE_TITLE = "horse pre-forked, waiting for a job"
+
+
+@pytest.fixture
+def start(redis_url: str, conn: redis.Redis) -> Iterator[Start]:
+    with worker_processes(redis_url) as start:
+        yield start
+
+
+def spares(worker: WorkerProcess) -> list[int]:
+    with open(f"/proc/{worker.pid}/task/{worker.pid}/children") as f:
+        kids = [int(pid) for pid in f.read().split()]
+    return [pid for pid in kids if SPARE_TITLE in _title(pid)]
+
+
+def _title(pid: int) -> str:
+    try:
+        return proctitle(pid)
+    except OSError:
+        return ""
+
+
+def one_spare(worker: WorkerProcess) -> int:
+    """The one pre-forked horse, not yet (or never) named in a busy event."""
+    found = wait_for(lambda: [p for p in spares(worker) if p not in worker.horses], what="a pre-forked horse")
+    [spare] = found  # type: ignore[misc]
+    return spare
+
+
+def gone(pid: int) -> bool:
+    """Not running any more: reaped, or dead and waiting for a reaper that is not ours."""
+    return process_state(pid) in (None, "Z")
+
+
+def socket_targets(pid: int) -> set[str]:
+    targets = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return {t for t in targets if t.startswith("socket:")}
+
+
+def test_the_next_horse_is_forked_ahead_and_runs_the_job(start: Start, conn: redis.Redis) -> None:
+    queue = Queue("default", connection=conn)
+    worker = start(worker_class=PREFORK)
+    worker.expect("ready")
+    spare = one_spare(worker)
+    assert leads_own_group(spare)
+    status = os.readlink(f"/proc/{worker.pid}/fd/{worker.status_fd}")
+    assert status not in socket_targets(spare)
+    assert conn.keys("rq:resque-starter:claim:*") == [], "a spare claims nothing"
+
+    ran_on = []
+    for _ in range(3):
+        job = queue.enqueue("testjobs.pid")
+        assert worker.expect("busy")["horse"] == spare, "the busy event names the horse running the job"
+        worker.expect("idle")
+        assert job.get_status() == JobStatus.FINISHED
+        ran_on.append(job.return_value())
+        wait_for(lambda pid=spare: process_state(pid) is None, what="the finished horse to be reaped")
+        spare = one_spare(worker)
+    assert len(set(ran_on)) == 3 and worker.pid not in ran_on, "every job in a fresh process"
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    assert process_state(spare) is None
+
+
+def _stop(worker: WorkerProcess, how: str) -> None:
+    if how == "term":
+        worker.signal(signal.SIGTERM)
+    elif how == "pause, then term":
+        worker.signal(signal.SIGUSR2)
+        worker.expect("paused")
+        worker.signal(signal.SIGTERM)
+    elif how == "sigkill":
+        worker.signal(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["term", "pause, then term", "recycle", "sigkill"])
+def test_no_idle_horse_outlives_its_worker(start: Start, conn: redis.Redis, how: str) -> None:
+    worker = start(worker_class=PREFORK, max_jobs=1 if how == "recycle" else None)
+    worker.expect("ready")
+    Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 0.5)
+    worker.expect("busy")
+    spare = one_spare(worker)  # forked while the job runs
+    worker.expect("idle")
+    if how == "recycle":
+        worker.expect("recycle")
+    else:
+        _stop(worker, how)
+    code = worker.wait()
+    if how == "sigkill":
+        assert code == -signal.SIGKILL
+        wait_for(lambda: gone(spare), what="the spare to die with its worker")
+    else:
+        assert code == 0
+        assert process_state(spare) is None, "stopped and reaped by its worker"
+        assert_nothing_held(conn, Queue("default", connection=conn), worker.name)
+
+
+def test_a_horse_that_died_idle_is_replaced(start: Start, conn: redis.Redis) -> None:
+    worker = start(worker_class=PREFORK)
+    worker.expect("ready")
+    spare = one_spare(worker)
+    os.kill(spare, signal.SIGKILL)
+    job = Queue("default", connection=conn).enqueue("testjobs.record")
+    horse = worker.expect("busy")["horse"]
+    assert horse not in (spare, worker.pid)
+    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 0}
+    assert done_ids(conn) == [job.id]
+    assert process_state(spare) is None, "the dead one was reaped"
+
+
+@FORKING
+def test_job_timeout_kills_the_job_and_the_worker_goes_on(
+    start: Start, conn: redis.Redis, worker_class: str
+) -> None:
+    queue = Queue("default", connection=conn)
+    worker = start(worker_class=worker_class)
+    worker.expect("ready")
+    job = queue.enqueue("testjobs.sleep_then_record", 30, job_timeout=1)
+    worker.expect("busy")
+    assert worker.expect("idle", timeout=15) == {"event": "idle", "done": 0, "failed": 1}
+    assert job.get_status() == JobStatus.FAILED
+    assert "JobTimeoutException" in latest_failure(job)
+    after = queue.enqueue("testjobs.record")
+    worker.expect("busy")
+    worker.expect("idle")
+    assert done_ids(conn) == [after.id]
+    assert_nothing_held(conn, queue, worker.name)
+
+
+@FORKING
+def test_results_and_retries_as_in_rq(start: Start, conn: redis.Redis, worker_class: str) -> None:
+    queue = Queue("default", connection=conn)
+    worker = start(worker_class=worker_class)
+    worker.expect("ready")
+    failing = queue.enqueue("testjobs.fail", "on purpose", retry=Retry(max=2))
+    for _ in range(3):
+        assert worker.expect("busy")["job"] == failing.id
+        worker.expect("idle")
+    assert failing.get_status() == JobStatus.FAILED
+    failing.refresh()
+    assert failing.retries_left == 0
+    assert "RuntimeError: on purpose" in latest_failure(failing)
+    good = queue.enqueue("testjobs.record")
+    worker.expect("busy")
+    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 3}
+    assert Job.fetch(good.id, connection=conn).return_value() == "recorded"
+
+
+def test_simple_worker_ignores_it_with_a_log_line(
+    start: Start, conn: redis.Redis, capfd: pytest.CaptureFixture[str]
+) -> None:
+    worker = start(worker_class="rq.SimpleWorker", prefork_horse=True)
+    worker.expect("ready")
+    Queue("default", connection=conn).enqueue("testjobs.record")
+    assert worker.expect("busy")["horse"] is None
+    worker.expect("idle")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    assert "RESQUE_STARTER_PREFORK_HORSE ignored: rq.SimpleWorker does not fork" in capfd.readouterr().err
+
+
+def _ballast(worker: Any, slot: int) -> None:
+    worker.ballast = bytes(range(256)) * (256 * 1024)  # 64 MiB of this worker's own, touched pages
+
+
+def test_max_memory_is_measured_with_no_spare_sharing_the_pages(start: Start) -> None:
+    """A spare shares the worker's pages, so while one exists the worker's USS hides them."""
+    worker = start(worker_class=PREFORK, max_memory=32 * 1024 * 1024, hooks=Hooks(after_fork=_ballast))
+    worker.expect("ready")
+    assert worker.expect("recycle")["reason"] == "max_memory"
+    assert worker.wait() == 0
+
+
+def test_spec_paused_worker_keeps_no_job_but_its_spare(start: Start, conn: redis.Redis) -> None:
+    job = Queue("default", connection=conn).enqueue("testjobs.record")
+    worker = start(worker_class=PREFORK, spec=new_spec(paused=True))
+    worker.expect("ready")
+    worker.expect("paused")
+    spare = one_spare(worker)
+    assert job.get_status() == JobStatus.QUEUED
+    worker.signal(signal.SIGCONT)
+    worker.expect("resumed")
+    assert worker.expect("busy")["horse"] == spare
