@@ -55,15 +55,20 @@ def reforked_mold(s: Starter) -> dict | None:  # type: ignore[type-arg]
     return molds[0] if molds and len(status["workers"]) == 3 else None
 
 
-@pytest.mark.parametrize("worker_class", ["rq.Worker", "rq.SimpleWorker"])
+@pytest.mark.parametrize(
+    ("worker_class", "prefork"),
+    [("rq.Worker", "false"), ("rq.SimpleWorker", "false"), ("rq.Worker", "true")],
+    ids=["Worker", "SimpleWorker", "Worker-prefork"],
+)
 def test_refork_under_a_stream_of_jobs_keeps_every_job_and_shares_what_jobs_loaded(
-    start: Start, conn: redis.Redis, worker_class: str
+    start: Start, conn: redis.Redis, worker_class: str, prefork: str
 ) -> None:
     s = start(
         RESQUE_STARTER_APP="testapp",
         RESQUE_STARTER_CONCURRENCY="3",
         RESQUE_STARTER_REFORK_AFTER="2",
         RESQUE_STARTER_WORKER_CLASS=worker_class,
+        RESQUE_STARTER_PREFORK_HORSE=prefork,
     )
     old = {w["pid"] for w in s.wait_workers(3)}
     old_mold = s.status()["molds"][0]["pid"]
@@ -102,12 +107,12 @@ def workers_of(conn: redis.Redis, jobs: list[Job]) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("worker_class", "jobs_per_worker"),
-    [("rq.SimpleWorker", 2), ("rq.Worker", 6)],
-    ids=["SimpleWorker-recycled", "Worker-leak-dies-with-the-horse"],
+    ("worker_class", "jobs_per_worker", "prefork"),
+    [("rq.SimpleWorker", 2, "false"), ("rq.Worker", 6, "false"), ("rq.Worker", 6, "true")],
+    ids=["SimpleWorker-recycled", "Worker-leak-dies-with-the-horse", "Worker-prefork"],
 )
 def test_max_memory_recycles_a_leaking_worker_between_jobs(
-    start: Start, conn: redis.Redis, worker_class: str, jobs_per_worker: int
+    start: Start, conn: redis.Redis, worker_class: str, jobs_per_worker: int, prefork: str
 ) -> None:
     """A job leaking 48 MB into a module-level list grows the worker it runs in: a SimpleWorker (10 MB
     at start) passes 80 MB after its second job and is recycled then; with rq.Worker the leak is in the
@@ -116,6 +121,7 @@ def test_max_memory_recycles_a_leaking_worker_between_jobs(
         RESQUE_STARTER_CONCURRENCY="1",
         RESQUE_STARTER_MAX_MEMORY="80M",
         RESQUE_STARTER_WORKER_CLASS=worker_class,
+        RESQUE_STARTER_PREFORK_HORSE=prefork,
     )
     s.wait_workers(1)
     queue = Queue(connection=conn)
