@@ -19,6 +19,7 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from resque_starter import cgroups
 
@@ -290,63 +291,101 @@ def _resolve(path: str) -> object:
     raise ImportError(path)
 
 
-def _rq_object(path: str, fits: Callable[[object], bool], what: str) -> None:
-    """Check a name under `rq.` now; other paths are the application's, which only the mold imports."""
-    if any(part.startswith("_") for part in path.split(".")):
-        raise _Invalid(f"{what}: {path} is private to rq")
-    try:
-        obj = _resolve(path)
-    except (ImportError, AttributeError):
-        raise _Invalid(f"{what}: rq has no {path}") from None
-    if not fits(obj):
-        raise _Invalid(f"{what}: {path} is not one")
+def _dotted_path(what: str) -> Parser:
+    """Syntax only: the mold imports the path and checks what it names (`check_classes`), so the
+    supervisor stays free of rq and the application."""
 
-
-def _dotted_path(what: str, fits: Callable[[object], bool]) -> Parser:
     def parse(value: object) -> str:
         path = value.strip() if isinstance(value, str) else ""
         if "." not in path or not _is_dotted(path):
             raise _Invalid(what)
-        if path.startswith("rq."):
-            _rq_object(path, fits, what)
+        if path.startswith("rq.") and any(part.startswith("_") for part in path.split(".")):
+            raise _Invalid(f"{what}: {path} is private to rq")
         return path
 
     return parse
 
 
-def _subclass_path(base: str, example: str) -> Parser:
-    def fits(obj: object) -> bool:
-        return isinstance(obj, type) and issubclass(obj, _resolve(base))  # type: ignore[arg-type]
-
-    return _dotted_path(f"the dotted path of a {base} subclass, such as {example}", fits)
+def _is_subclass(base: str) -> Callable[[object], bool]:
+    return lambda obj: isinstance(obj, type) and issubclass(obj, _resolve(base))  # type: ignore[arg-type]
 
 
-_serializer_path = _dotted_path(
-    "json, pickle, or the dotted path of an object with dumps() and loads(), "
-    "such as rq.serializers.JSONSerializer",
-    lambda obj: callable(getattr(obj, "dumps", None)) and callable(getattr(obj, "loads", None)),
-)
+def _is_serializer(obj: object) -> bool:
+    return callable(getattr(obj, "dumps", None)) and callable(getattr(obj, "loads", None))
+
+
+# setting -> (what is allowed, the test an imported object must pass)
+CLASS_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "worker_class": (
+        "the dotted path of a rq.worker.BaseWorker subclass, such as rq.SimpleWorker",
+        _is_subclass("rq.worker.BaseWorker"),
+    ),
+    "job_class": (
+        "the dotted path of a rq.job.Job subclass, such as myapp.jobs.MyJob",
+        _is_subclass("rq.job.Job"),
+    ),
+    "queue_class": (
+        "the dotted path of a rq.queue.Queue subclass, such as myapp.queues.MyQueue",
+        _is_subclass("rq.queue.Queue"),
+    ),
+    "serializer": (
+        "json, pickle, or the dotted path of an object with dumps() and loads(), "
+        "such as rq.serializers.JSONSerializer",
+        _is_serializer,
+    ),
+}
+SERIALIZER_ALIASES = ("json", "pickle")  # rq.serializers.SERIALIZER_ALIASES, without importing rq here
 
 
 def _serializer(value: object) -> str:
-    from rq.serializers import SERIALIZER_ALIASES
-
     if isinstance(value, str) and value.strip() in SERIALIZER_ALIASES:
         return value.strip()
-    return _serializer_path(value)
+    return _dotted_path(CLASS_RULES["serializer"][0])(value)
+
+
+def check_classes(settings: Settings) -> str | None:
+    """Import every configured class path and check it is what it must be; one line when not.
+    Runs in the mold, after the application import, since most paths name the application's code."""
+    checks = [(f"{PREFIX}{name.upper()}", name, getattr(settings, name)) for name in CLASS_RULES]
+    for group in settings.groups:
+        path = dict(group.overrides).get("worker_class")
+        checks.append((override_label(group.name, "worker_class", settings.config), "worker_class", path))
+    for variable, name, path in checks:
+        if path is None or (name == "serializer" and path in SERIALIZER_ALIASES):
+            continue
+        allowed, fits = CLASS_RULES[name]
+        try:
+            obj = _resolve(path)
+        except (ImportError, AttributeError) as exc:
+            return str(ConfigError(variable, path, f"{allowed} (cannot import it: {exc})"))
+        if not fits(obj):
+            return str(ConfigError(variable, path, f"{allowed} (it is not one)"))
+    return None
 
 
 def _redis_url(value: object) -> str:
-    from redis.connection import parse_url
-
+    """redis-py's URL forms, checked without importing redis-py (it is 17 MB the supervisor avoids)."""
     url = value.strip() if isinstance(value, str) else ""
     allowed = "a redis://, rediss:// or unix:// URL"
     try:
-        options = parse_url(url)
+        parts = urlsplit(url)
+        port = parts.port
     except ValueError as e:
         raise _Invalid(f"{allowed} ({e})") from None
-    if url.startswith("unix://") and not options.get("path"):
-        raise _Invalid(f"{allowed} (unix:// needs the socket's path: unix:///run/redis.sock)")
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise _Invalid(f"{allowed} (the scheme is {parts.scheme!r})" if parts.scheme else allowed)
+    if parts.scheme == "unix":
+        if not parts.path or parts.path == "/":
+            raise _Invalid(f"{allowed} (unix:// needs the socket's path: unix:///run/redis.sock)")
+    elif port == 0:
+        raise _Invalid(f"{allowed} (port 0)")
+    else:
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise _Invalid(f"{allowed} (the database {db!r} is not a number)")
+    for key, values in parse_qs(parts.query).items():
+        if key == "db" and not values[0].isdigit():
+            raise _Invalid(f"{allowed} (db={values[0]!r} is not a number)")
     return url
 
 
@@ -425,9 +464,9 @@ VARIABLES = (
     _Var("queues", _queues, "queue names in priority order, comma-separated (default: default)"),
     _Var("groups", _groups, "worker groups, e.g. 'high,default=3; low=1' (replaces queues + concurrency)"),
     _Var("dequeue_strategy", _choice("default", "round_robin", "random"), "rq dequeue strategy"),
-    _Var("worker_class", _subclass_path("rq.worker.BaseWorker", "rq.SimpleWorker"), "rq worker class"),
-    _Var("job_class", _subclass_path("rq.job.Job", "myapp.jobs.MyJob"), "rq job class"),
-    _Var("queue_class", _subclass_path("rq.queue.Queue", "myapp.queues.MyQueue"), "rq queue class"),
+    _Var("worker_class", _dotted_path(CLASS_RULES["worker_class"][0]), "rq worker class"),
+    _Var("job_class", _dotted_path(CLASS_RULES["job_class"][0]), "rq job class"),
+    _Var("queue_class", _dotted_path(CLASS_RULES["queue_class"][0]), "rq queue class"),
     _Var("serializer", _serializer, "rq serializer: json, pickle or a dotted path"),
     _Var("config", _text, "Python config file: settings as module constants, hooks as functions"),
     _Var("pid_file", _text, "write the supervisor's pid here"),

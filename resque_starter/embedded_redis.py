@@ -8,8 +8,7 @@ import shutil
 import signal
 import time
 
-import redis
-
+from resque_starter import redis_ping
 from resque_starter.config import ConfigError
 
 
@@ -53,17 +52,11 @@ class EmbeddedRedis:
             setpgroup=0,
             file_actions=[(os.POSIX_SPAWN_OPEN, 1, log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)],
         )
-        client = redis.Redis(unix_socket_path=self.socket, socket_timeout=1)
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise ConfigError("REDIS_URL", None, "an embedded redis-server that answers") from None
-                time.sleep(0.02)
-        client.close()
+        while not redis_ping.ping(self.url, timeout=1):
+            if time.monotonic() > deadline:
+                raise ConfigError("REDIS_URL", None, "an embedded redis-server that answers")
+            time.sleep(0.02)
 
     def restart(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -25,7 +25,7 @@ from typing import NoReturn
 from setproctitle import setproctitle
 
 from resque_starter import logs, protocol
-from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings, override_label
+from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings, check_classes
 from resque_starter.protocol import WorkerSpec
 
 log = logging.getLogger("resque_starter.mold")
@@ -92,21 +92,9 @@ def _preload(settings: Settings) -> tuple[int, str] | None:
             return _app_failure(f"importing {module}")
         except BaseException:
             return _app_failure(f"importing {module}")
-    classes = [
-        ("RESQUE_STARTER_WORKER_CLASS", settings.worker_class),
-        ("RESQUE_STARTER_JOB_CLASS", settings.job_class),
-        ("RESQUE_STARTER_QUEUE_CLASS", settings.queue_class),
-        ("RESQUE_STARTER_SERIALIZER", settings.serializer),
-    ]
-    for group in settings.groups:
-        worker_class = dict(group.overrides).get("worker_class")
-        classes.append((override_label(group.name, "worker_class", settings.config), worker_class))
-    for variable, path in classes:
-        if path is not None:
-            try:
-                import_object(path)
-            except Exception as exc:
-                return EXIT_CONFIG, f"{variable}={path!r} is not allowed: cannot import it ({exc})"
+    error = check_classes(settings)
+    if error is not None:
+        return EXIT_CONFIG, error
     for name in ("before_fork", "warmup"):
         hook: Callable[[Settings], object] | None = getattr(settings.hooks, name)
         if hook is not None:
@@ -136,22 +124,6 @@ def _app_failure(what: str) -> tuple[int, str]:
     log.error("application failed in %s:\n%s", what, traceback.format_exc().rstrip())
     kind, value = sys.exc_info()[:2]
     return EXIT_APP_IMPORT, f"application failed in {what}: {kind.__name__ if kind else '?'}: {value}"
-
-
-def import_object(path: str) -> object:
-    """Resolve `package.module.Name` (or a module path) to the object it names."""
-    try:
-        return importlib.import_module(path)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not _is_prefix(exc.name, path):
-            raise
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ImportError(f"{path!r} is not a dotted path")
-    obj = getattr(importlib.import_module(module), name, None)
-    if obj is None:
-        raise ImportError(f"module {module!r} has no attribute {name!r}")
-    return obj
 
 
 def _serve(settings: Settings, sock: socket.socket) -> None:

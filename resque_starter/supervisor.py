@@ -27,7 +27,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from resque_starter import cgroups, config, control, embedded_redis, metrics, procmem, protocol
+from resque_starter import cgroups, config, control, embedded_redis, metrics, procmem, protocol, redis_ping
 from resque_starter.config import (
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -154,7 +154,6 @@ class Supervisor:
         self._redis: embedded_redis.EmbeddedRedis | None = None
         self._control: control.ControlServer | None = None
         self._metrics: metrics.MetricsServer | None = None
-        self._ping: Any = None
         self._name_prefix = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(2).hex()}"
 
     # ----------------------------------------------------------------- lifecycle
@@ -888,17 +887,7 @@ class Supervisor:
 
     def redis_answers(self) -> bool:
         """One PING with a short timeout, so a slow Redis cannot wedge the loop or a probe (< 200 ms)."""
-        import redis
-
-        if self._ping is None:
-            assert self.settings.redis_url is not None
-            self._ping = redis.Redis.from_url(
-                self.settings.redis_url, socket_timeout=0.1, socket_connect_timeout=0.1
-            )
-        try:
-            return bool(self._ping.ping())
-        except redis.RedisError:
-            return False
+        return redis_ping.ping(self.settings.redis_url or "", timeout=0.1)
 
     # ----------------------------------------------------------------- small helpers
 
