@@ -16,7 +16,7 @@ import redis
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
-from resque_starter import control
+from resque_starter import config, control
 from resque_starter.config import ConfigError, Group, load
 
 from conftest import wait_for
@@ -349,8 +349,8 @@ BAD_OVERRIDES = [
      "a whole number >= 1"),
     ('{"high,default": {"max_memory": "lots"}}', "group_overrides['high,default']['max_memory'] (in {path})="
      "'lots' is not allowed: a size"),
-    ('{"low": {"worker_class": "rq.Queue"}}', "group_overrides['low']['worker_class'] (in {path})="
-     "'rq.Queue' is not allowed"),
+    ('{"low": {"worker_class": "Worker"}}', "group_overrides['low']['worker_class'] (in {path})="
+     "'Worker' is not allowed: the dotted path"),
     ('{"low": {"queues": "x"}}', "group_overrides['low'] (in {path})='queues' is not allowed: a group may "
      "override worker_class, max_jobs, max_lifetime, max_memory"),
     ('{"low": 100}', "group_overrides['low'] (in {path})=100 is not allowed: a dict of settings"),
@@ -367,6 +367,14 @@ def test_a_bad_override_is_one_line_naming_the_group(tmp_path: Path, native: str
         load({}, {P + "GROUPS": "high,default=2; low=1", P + "CONFIG": path})
     assert len(str(caught.value).splitlines()) == 1
     assert str(caught.value).startswith(message.format(path=path)), str(caught.value)
+
+
+def test_an_override_worker_class_is_checked_by_the_mold(tmp_path: Path) -> None:
+    path = config_file(tmp_path, 'group_overrides = {"low": {"worker_class": "rq.Queue"}}\n')
+    settings = load({}, {P + "GROUPS": "high,default=2; low=1", P + "CONFIG": path})
+    error = config.check_classes(settings)
+    assert error is not None
+    assert error.startswith(f"group_overrides['low']['worker_class'] (in {path})='rq.Queue' is not allowed")
 
 
 def test_a_misspelt_group_overrides_is_caught(tmp_path: Path) -> None:
