@@ -1,0 +1,221 @@
+"""Memory benchmark (issue 7): total PSS of every process of each system, idle and under load.
+
+Each system runs 4 rq workers over the ~100 MB app (bench_app) and is measured from a fresh start, per
+workload: idle after start; the peak while 4 jobs run at once (sampled continuously, round after
+round); idle after the jobs. PSS splits every shared page among the processes sharing it, so the
+sum over a process tree is what the tree really costs.
+
+    python3 bench/memory.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+import common
+from common import MB, System
+
+
+@dataclass
+class Workload:
+    name: str
+    func: str
+    seconds: float
+
+
+WORKLOADS = (
+    Workload("import-only", "bench_app.hold", 1.0),
+    Workload("realistic", "bench_app.realistic", 1.0),
+)
+SETTLE = 1.5  # seconds a system must look unchanged before an idle sample
+
+
+@dataclass
+class Result:
+    processes: int = 0
+    idle_start: float = 0.0
+    peaks: list[float] | None = None
+    idle_after: float = 0.0
+
+    @property
+    def peak(self) -> float:
+        return max(self.peaks or [0.0])
+
+    @property
+    def last_peak(self) -> float:
+        return (self.peaks or [0.0])[-1]
+
+
+def settled(system: System, conn: redis.Redis) -> Callable[[], bool]:
+    """True once the system is idle and, for resque-starter, one generation serves every slot."""
+
+    def check() -> bool:
+        common.wait_idle(conn)
+        if system.run_dir is None:
+            return True
+        from resque_starter import control
+
+        status = control.request(system.run_dir, {"cmd": "status"})["status"]
+        workers = status["workers"]
+        return (
+            len(status["molds"]) == 1
+            and len(workers) == system.workers
+            and all(w["ready"] and w["generation"] == status["generation"] for w in workers)
+        )
+
+    return check
+
+
+def settle(system: System, conn: redis.Redis) -> None:
+    """Wait until the system has looked idle, with the same processes, for SETTLE seconds.
+
+    A stable window rather than one look: horses exit just after their job, and a refork may begin
+    just after a worker's Nth job.
+    """
+    check = settled(system, conn)
+    since: float | None = None
+    seen: list[int] = []
+
+    def stable() -> bool:
+        nonlocal since, seen
+        pids = sorted(system.pids())
+        if not check() or pids != seen:
+            since, seen = None, pids
+            return False
+        since = since or time.monotonic()
+        return time.monotonic() - since >= SETTLE
+
+    common.wait_until(stable, 120, f"{system.label} to settle", 0.1)
+
+
+def peak_during(system: System, conn: redis.Redis, workload: Workload, jobs: int, done_before: int) -> float:
+    """Enqueue `jobs` jobs and sample the system's total PSS until they have all finished."""
+    common.enqueue(conn, workload.func, jobs, workload.seconds)
+    peak = 0
+    while common.done_count(conn) < done_before + jobs:
+        peak = max(peak, system.pss())
+    return peak / MB
+
+
+def measure(system: System, conn: redis.Redis, workload: Workload, rounds: int) -> Result:
+    with system.running(conn):
+        settle(system, conn)
+        result = Result(processes=len(system.pids()), idle_start=system.pss() / MB, peaks=[])
+        for n in range(rounds):
+            result.peaks.append(peak_during(system, conn, workload, system.workers, n * system.workers))
+            settle(system, conn)
+        result.idle_after = system.pss() / MB
+    return result
+
+
+def systems(n: int, url: str, refork_after: int) -> list[System]:
+    return [
+        common.resque_starter("resque-starter", n, url),
+        common.resque_starter(
+            f"resque-starter refork={refork_after}", n, url, refork_after=str(refork_after)
+        ),
+        common.rq_pool(n, url),
+        common.rq_workers(n, url),
+        common.single(url),
+    ]
+
+
+def targets(results: dict[str, dict[str, Result]], labels: list[str]) -> list[tuple[str, str, str, str]]:
+    """(target, measured, limit, PASS/MISS) for each target of issue 7."""
+    rs, refork, pool, floor = labels[0], labels[1], labels[2], labels[4]
+    imp, real = results["import-only"], results["realistic"]
+    rows = []
+
+    def ratio(name: str, value: float, base: float, limit: float) -> None:
+        rows.append((name, f"{value / base:.2f}x", f"<= {limit}x", common.verdict(value <= limit * base)))
+
+    ratio("import-only idle: resque-starter / rq worker-pool", imp[rs].idle_start, imp[pool].idle_start, 0.4)
+    ratio("import-only idle: resque-starter / 1 process", imp[rs].idle_start, imp[floor].idle_start, 1.3)
+    ratio("realistic peak: resque-starter / rq worker-pool", real[rs].peak, real[pool].peak, 0.4)
+    ratio(
+        "realistic peak after refork: refork / rq worker-pool", real[refork].last_peak, real[pool].peak, 0.25
+    )
+    for workload, label in (("import-only", rs), ("realistic", rs), ("realistic", refork)):
+        r = results[workload][label]
+        ratio(f"{workload} idle after / idle at start: {label}", r.idle_after, r.idle_start, 1.05)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="2 rounds of jobs instead of 3")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--refork-after", type=int, default=1, help="RESQUE_STARTER_REFORK_AFTER")
+    args = parser.parse_args()
+    rounds = 2 if args.quick else 3
+    results: dict[str, dict[str, Result]] = {w.name: {} for w in WORKLOADS}
+    with common.RedisServer() as server:
+        compared = systems(args.workers, server.url, args.refork_after)
+        for workload in WORKLOADS:
+            for system in compared:
+                print(f"[{workload.name}] {system.label} ...", flush=True)
+                results[workload.name][system.label] = measure(system, server.conn, workload, rounds)
+    labels = [s.label for s in compared]
+    pool = labels[2]
+    text = [f"Total PSS (MB) of every process, N = {args.workers} workers, ~100 MB app, {rounds} rounds of"]
+    text.append(f"{args.workers} jobs at once (peak = highest over all rounds; last = the last round's)\n")
+    for workload in WORKLOADS:
+        res = results[workload.name]
+        headers = [
+            "system",
+            "procs",
+            "idle start",
+            "peak",
+            "peak last",
+            "idle after",
+            "idle/pool",
+            "peak/pool",
+        ]
+        rows = [
+            [
+                label,
+                r.processes,
+                r.idle_start,
+                r.peak,
+                r.last_peak,
+                r.idle_after,
+                f"{r.idle_start / res[pool].idle_start:.2f}x",
+                f"{r.peak / res[pool].peak:.2f}x",
+            ]
+            for label, r in res.items()
+        ]
+        text += [
+            f"{workload.name} ({workload.func}, {workload.seconds:g} s)",
+            common.table(headers, rows),
+            "",
+        ]
+    text += [
+        "Targets (issue 7)",
+        common.table(["target", "measured", "limit", "result"], targets(results, labels)),
+    ]
+    common.report("memory", "\n".join(text))
+    chart = common.bar_chart(
+        "memory",
+        f"Total PSS, {args.workers} rq workers over a ~100 MB app (lower is better)",
+        "MB",
+        labels,
+        {
+            "import-only, idle": [results["import-only"][k].idle_start for k in labels],
+            "realistic, peak": [results["realistic"][k].peak for k in labels],
+            "realistic, peak last round": [results["realistic"][k].last_peak for k in labels],
+            "realistic, idle after": [results["realistic"][k].idle_after for k in labels],
+        },
+    )
+    if chart:
+        print(f"chart: {chart}")
+
+
+if __name__ == "__main__":
+    main()
