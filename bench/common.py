@@ -115,6 +115,15 @@ def tree(roots: Sequence[int]) -> list[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def total_pss(pids: Sequence[int]) -> int:
     """Bytes of proportional set size summed over processes: what they cost together, shared pages split."""
     return sum(m.pss for m in map(procmem.read, pids) if m is not None)
@@ -197,6 +206,13 @@ class System:
 
     def pss(self) -> int:
         return total_pss(self.pids())
+
+    def status(self) -> dict[str, Any]:
+        """resque-starter's `ctl status` document (the supervisor, molds and workers with their pids)."""
+        from resque_starter import control
+
+        assert self.run_dir is not None, f"{self.label} is not resque-starter"
+        return control.request(self.run_dir, {"cmd": "status"})["status"]
 
     def signal(self, sig: int) -> None:
         for pid in self.roots:

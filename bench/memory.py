@@ -58,9 +58,7 @@ def settled(system: System, conn: redis.Redis) -> Callable[[], bool]:
         common.wait_idle(conn)
         if system.run_dir is None:
             return True
-        from resque_starter import control
-
-        status = control.request(system.run_dir, {"cmd": "status"})["status"]
+        status = system.status()
         workers = status["workers"]
         return (
             len(status["molds"]) == 1

@@ -1,0 +1,276 @@
+"""Speed benchmark (issue 8): throughput, latency and supervisor overhead against what users pick instead.
+
+Throughput: each system (2 rq workers over the ~100 MB app) drains a fixed count of jobs, timed from
+just before they are enqueued (in one round trip) to the last one finished; the median of several runs.
+Latency: TTIN to the new worker registered with rq (a fork from the mold) against a cold `rq worker`
+start; QUIT (rq: TERM) to exit when idle; enqueue to job function started when a worker is idle.
+Overhead: CPU seconds of resque-starter's supervisor and mold over an idle and a busy period.
+
+    python3 bench/throughput.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+from rq import Queue, Worker
+
+import common
+from common import System
+
+N = 2
+WORKLOADS = {"no-op": "bench_app.noop", "app": "bench_app.use_app"}
+
+
+@dataclass
+class Plan:
+    jobs: int
+    runs: int
+    latency_samples: int
+    ttin_samples: int
+    cold_samples: int
+    quit_samples: int
+    cpu_seconds: float
+
+
+FULL = Plan(
+    jobs=200, runs=3, latency_samples=20, ttin_samples=10, cold_samples=3, quit_samples=3, cpu_seconds=60
+)
+QUICK = Plan(
+    jobs=100, runs=3, latency_samples=10, ttin_samples=5, cold_samples=2, quit_samples=1, cpu_seconds=15
+)
+
+
+@dataclass
+class Speed:
+    rates: dict[str, list[float]] = field(default_factory=dict)
+    start_latency_ms: list[float] = field(default_factory=list)
+    note: str = ""
+
+    def rate(self, workload: str) -> float:
+        return common.median(self.rates[workload])
+
+
+def systems(url: str) -> list[System]:
+    return [
+        common.resque_starter("resque-starter rq.Worker", N, url),
+        common.resque_starter("resque-starter SimpleWorker", N, url, worker_class="rq.SimpleWorker"),
+        common.resque_starter("resque-starter prefork horse", N, url, prefork_horse="true"),
+        common.rq_pool(N, url),
+        common.rq_workers(N, url),
+    ]
+
+
+def drain(conn: redis.Redis, func: str, jobs: int) -> float:
+    """Jobs per second for `jobs` jobs of `func`, enqueued at once onto idle workers."""
+    before = common.done_count(conn)
+    began = time.perf_counter()
+    common.enqueue(conn, func, jobs)
+    common.wait_done(conn, before + jobs, timeout=max(60, jobs))
+    rate = jobs / (time.perf_counter() - began)
+    common.wait_idle(conn)
+    return rate
+
+
+def start_latency_ms(conn: redis.Redis) -> float:
+    """Milliseconds from enqueueing one job onto an idle worker to its function starting."""
+    queue = Queue(common.QUEUE, connection=conn)
+    enqueued = time.time()
+    job = queue.enqueue("bench_app.stamp")
+    common.wait_until(lambda: job.get_status(refresh=True) == "finished", 30, "the stamp job", 0.002)
+    started = float(job.return_value())
+    common.wait_idle(conn)
+    return (started - enqueued) * 1000
+
+
+def idle_horses(system: System) -> bool:
+    """Whether every idle worker has a child process: the pre-forked horse waiting for a job."""
+    workers = [w["pid"] for w in system.status()["workers"]]
+    return all(len(common.tree([pid])) > 1 for pid in workers)
+
+
+def _within(predicate: Callable[[System], bool], system: System, seconds: float) -> bool:
+    try:
+        common.wait_until(lambda: predicate(system), seconds, "", 0.05)
+    except TimeoutError:
+        return False
+    return True
+
+
+def measure_speed(system: System, conn: redis.Redis, plan: Plan) -> Speed:
+    speed = Speed()
+    with system.running(conn):
+        drain(conn, WORKLOADS["no-op"], 4 * N)  # warm-up: first imports, first forks
+        if "prefork" in system.label and not _within(idle_horses, system, 5):
+            speed.note = "no idle pre-forked horse seen: RESQUE_STARTER_PREFORK_HORSE had no effect"
+        for name, func in WORKLOADS.items():
+            speed.rates[name] = [drain(conn, func, plan.jobs) for _ in range(plan.runs)]
+        speed.start_latency_ms = [start_latency_ms(conn) for _ in range(plan.latency_samples)]
+    return speed
+
+
+def ttin_ms(url: str, conn: redis.Redis, samples: int) -> list[float]:
+    """Milliseconds from TTIN to the supervisor to one more worker registered with rq, `samples` times."""
+    system = common.resque_starter("resque-starter TTIN", N, url)
+    result = []
+    with system.running(conn):
+        for _ in range(samples):
+            before = Worker.count(connection=conn)
+            began = time.perf_counter()
+            system.signal(signal.SIGTTIN)
+            common.wait_until(
+                lambda b=before: Worker.count(connection=conn) > b, 30, "the TTIN worker", 0.001
+            )
+            result.append((time.perf_counter() - began) * 1000)
+    return result
+
+
+def cold_start_ms(url: str, conn: redis.Redis, samples: int) -> list[float]:
+    """Milliseconds from launching `rq worker` (the app in its settings module) to registered with rq."""
+    result = []
+    for _ in range(samples):
+        system = common.rq_workers(1, url)
+        conn.flushall()
+        result.append(system.start(conn, timeout=60) * 1000)
+        system.stop()
+    return result
+
+
+def quit_ms(system: System, conn: redis.Redis, samples: int) -> list[float]:
+    """Milliseconds from the graceful-stop signal (QUIT; TERM for rq) to every process gone, when idle."""
+    result = []
+    for _ in range(samples):
+        conn.flushall()
+        system.start(conn)
+        common.wait_idle(conn)
+        pids = system.pids()
+        began = time.perf_counter()
+        system.signal(system.stop_signal)
+        common.wait_until(lambda p=pids: not any(map(common.alive, p)), 60, f"{system.label} to exit", 0.002)
+        result.append((time.perf_counter() - began) * 1000)
+        system.stop()
+    return result
+
+
+def overhead(url: str, conn: redis.Redis, seconds: float) -> dict[str, float]:
+    """Supervisor + mold CPU seconds per minute, idle and while no-op jobs keep both workers busy."""
+    system = common.resque_starter("resque-starter CPU", N, url)
+    result = {}
+    with system.running(conn):
+        common.wait_idle(conn)
+        status = system.status()
+        pids = [status["pid"], *(m["pid"] for m in status["molds"])]
+        for phase in ("idle", "busy"):
+            used = sum(map(common.cpu_seconds, pids))
+            began = time.monotonic()
+            while time.monotonic() - began < seconds:
+                if phase == "busy" and Queue(common.QUEUE, connection=conn).count < 50:
+                    common.enqueue(conn, WORKLOADS["no-op"], 100)
+                time.sleep(0.1)
+            elapsed = time.monotonic() - began
+            result[phase] = (sum(map(common.cpu_seconds, pids)) - used) * 60 / elapsed
+            Queue(common.QUEUE, connection=conn).empty()
+            common.wait_idle(conn)
+    return result
+
+
+def ms(values: list[float]) -> str:
+    return f"{common.median(values):.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer jobs and samples, 15 s CPU windows")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    speeds: dict[str, Speed] = {}
+    with common.RedisServer() as server:
+        conn = server.conn
+        compared = systems(server.url)
+        for system in compared:
+            print(f"[throughput] {system.label} ...", flush=True)
+            speeds[system.label] = measure_speed(system, conn, plan)
+        print("[latency] TTIN, cold start, QUIT ...", flush=True)
+        ttin = ttin_ms(server.url, conn, plan.ttin_samples)
+        cold = cold_start_ms(server.url, conn, plan.cold_samples)
+        quits = {
+            s.label: quit_ms(s, conn, plan.quit_samples) for s in (compared[0], compared[3], compared[4])
+        }
+        print(f"[overhead] {plan.cpu_seconds:g} s idle, {plan.cpu_seconds:g} s busy ...", flush=True)
+        cpu = overhead(server.url, conn, plan.cpu_seconds)
+    report(speeds, ttin, cold, quits, cpu, plan)
+    labels = list(speeds)
+    chart = common.bar_chart(
+        "throughput",
+        f"Jobs per second, {N} rq workers over a ~100 MB app (higher is better)",
+        "jobs/s (median)",
+        labels,
+        {f"{name} jobs": [speeds[k].rate(name) for k in labels] for name in WORKLOADS},
+    )
+    if chart:
+        print(f"chart: {chart}")
+
+
+def report(
+    speeds: dict[str, Speed],
+    ttin: list[float],
+    cold: list[float],
+    quits: dict[str, list[float]],
+    cpu: dict[str, float],
+    plan: Plan,
+) -> None:
+    labels = list(speeds)
+    rs, prefork, pool = labels[0], labels[2], labels[3]
+    rows = []
+    for label, s in speeds.items():
+        row: list[object] = [label]
+        for name in WORKLOADS:
+            row += [s.rate(name), f"{s.rate(name) / speeds[pool].rate(name):.2f}x"]
+        rows.append([*row, ms(s.start_latency_ms), s.note or None])
+    headers = ["system", "no-op jobs/s", "vs pool", "app jobs/s", "vs pool", "enqueue->start ms", "note"]
+    lines = [
+        f"Throughput: {plan.jobs} jobs drained by {N} workers, median of {plan.runs} runs, ~100 MB app;",
+        f"enqueue->start: median of {plan.latency_samples} single jobs onto idle workers",
+        common.table(headers, rows),
+        "",
+        "Latency (ms, median)",
+        common.table(
+            ["what", "ms", "samples"],
+            [
+                ["TTIN -> new worker registered (fork from the mold)", ms(ttin), len(ttin)],
+                ["cold `rq worker` start -> registered", ms(cold), len(cold)],
+                *[[f"graceful stop when idle -> exit: {k}", ms(v), len(v)] for k, v in quits.items()],
+            ],
+        ),
+        "",
+        f"Supervisor + mold CPU, measured over {plan.cpu_seconds:g} s each: idle {cpu['idle']:.3f} s/min, "
+        f"busy {cpu['busy']:.3f} s/min",
+        "",
+    ]
+    noop = {k: s.rate("no-op") / speeds[pool].rate("no-op") for k, s in speeds.items()}
+    targets = [
+        ["no-op: resque-starter rq.Worker / rq worker-pool", f"{noop[rs]:.2f}x", ">= 1.1x", noop[rs] >= 1.1],
+        ["no-op: prefork horse / rq worker-pool", f"{noop[prefork]:.2f}x", ">= 2x", noop[prefork] >= 2],
+        ["TTIN -> registered, median", f"{ms(ttin)} ms", "<= 100 ms", common.median(ttin) <= 100],
+        ["idle supervisor + mold CPU", f"{cpu['idle']:.3f} s/min", "<= 0.1 s/min", cpu["idle"] <= 0.1],
+    ]
+    lines += [
+        "Targets (issue 8)",
+        common.table(["target", "measured", "limit", "result"], _verdicts(targets)),
+    ]
+    common.report("throughput", "\n".join(lines))
+
+
+def _verdicts(rows: list[list[object]]) -> list[list[object]]:
+    return [[*row[:-1], common.verdict(bool(row[-1]))] for row in rows]
+
+
+if __name__ == "__main__":
+    main()
