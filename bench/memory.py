@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
 import common
-from common import MB, System
+from common import MB, System, procmem
 
 
 @dataclass
@@ -35,12 +35,25 @@ WORKLOADS = (
 SETTLE = 1.5  # seconds a system must look unchanged before an idle sample
 
 
+Snapshot = list[tuple[str, procmem.Memory]]  # (process title, its memory) for each process of a system
+
+
+def snapshot(system: System) -> Snapshot:
+    found = ((common.title(pid), procmem.read(pid)) for pid in system.pids())
+    return [(title, mem) for title, mem in found if mem is not None]
+
+
+def total(snap: Snapshot) -> float:
+    return sum(mem.pss for _, mem in snap) / MB
+
+
 @dataclass
 class Result:
     processes: int = 0
     idle_start: float = 0.0
     peaks: list[float] | None = None
     idle_after: float = 0.0
+    detail: dict[str, Snapshot] = field(default_factory=dict)
 
     @property
     def peak(self) -> float:
@@ -91,24 +104,42 @@ def settle(system: System, conn: redis.Redis) -> None:
     common.wait_until(stable, 120, f"{system.label} to settle", 0.1)
 
 
-def peak_during(system: System, conn: redis.Redis, workload: Workload, jobs: int, done_before: int) -> float:
-    """Enqueue `jobs` jobs and sample the system's total PSS until they have all finished."""
+def peak_during(
+    system: System, conn: redis.Redis, workload: Workload, jobs: int, done_before: int
+) -> Snapshot:
+    """Enqueue `jobs` jobs and sample the system until they have all finished: the largest sample."""
     common.enqueue(conn, workload.func, jobs, workload.seconds)
-    peak = 0
+    peak: Snapshot = []
     while common.done_count(conn) < done_before + jobs:
-        peak = max(peak, system.pss())
-    return peak / MB
+        peak = max(peak, snapshot(system), key=total)
+    return peak
 
 
 def measure(system: System, conn: redis.Redis, workload: Workload, rounds: int) -> Result:
     with system.running(conn):
         settle(system, conn)
-        result = Result(processes=len(system.pids()), idle_start=system.pss() / MB, peaks=[])
+        start = snapshot(system)
+        result = Result(processes=len(start), idle_start=total(start), peaks=[], detail={"idle start": start})
         for n in range(rounds):
-            result.peaks.append(peak_during(system, conn, workload, system.workers, n * system.workers))
+            peak = peak_during(system, conn, workload, system.workers, n * system.workers)
+            result.peaks.append(total(peak))
+            result.detail[f"peak round {n + 1}"] = peak
             settle(system, conn)
-        result.idle_after = system.pss() / MB
+        result.detail["idle after"] = snapshot(system)
+        result.idle_after = total(result.detail["idle after"])
     return result
+
+
+def details(results: dict[str, dict[str, Result]]) -> str:
+    """Every process of every sample shown in the table: where the memory is, for whoever improves it."""
+    lines = []
+    for workload, by_system in results.items():
+        for label, result in by_system.items():
+            for when, snap in result.detail.items():
+                lines.append(f"== {workload} / {label} / {when}: total PSS {total(snap):.1f} MB")
+                rows = [[t[:70], m.pss / MB, m.uss / MB, m.shared / MB, m.rss / MB] for t, m in snap]
+                lines += [common.table(["process", "PSS", "USS", "shared", "RSS"], rows), ""]
+    return "\n".join(lines)
 
 
 def systems(n: int, url: str, refork_after: int) -> list[System]:
@@ -199,6 +230,9 @@ def main() -> None:
         common.table(["target", "measured", "limit", "result"], targets(results, labels)),
     ]
     common.report("memory", "\n".join(text))
+    path = common.OUT / "memory-processes.txt"
+    path.write_text(details(results))
+    print(f"per process: {path}")
     chart = common.bar_chart(
         "memory",
         f"Total PSS, {args.workers} rq workers over a ~100 MB app (lower is better)",
