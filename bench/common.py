@@ -383,7 +383,7 @@ def bar_chart(
         print(f"(no chart: matplotlib is not installed; pip install -e '.[bench]' for bench/out/{name}.png)")
         return None
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(categories) * max(1, len(series)) / 2 + 3), 4.8))
+    fig, ax = plt.subplots(figsize=(min(12.0, 2 + 1.8 * len(categories)), 5.0))
     for i, (label, values) in enumerate(series.items()):
         xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
         bars = ax.bar(xs, values, width, label=label)
