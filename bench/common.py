@@ -361,6 +361,19 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def machine() -> str:
+    """What the numbers were measured on, including how busy the machine was with other work."""
+    import platform
+
+    import rq
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, rq {rq.__version__}, "
+        f"redis-py {redis.__version__}; load average {load}"
+    )
+
+
 def report(name: str, text: str) -> Path:
     """Print the text and keep it in bench/out/NAME.txt."""
     print(text)

@@ -185,6 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     rounds = 2 if args.quick else 3
     results: dict[str, dict[str, Result]] = {w.name: {} for w in WORKLOADS}
+    before = common.machine()
     with common.RedisServer() as server:
         compared = systems(args.workers, server.url, args.refork_after)
         for workload in WORKLOADS:
@@ -193,7 +194,8 @@ def main() -> None:
                 results[workload.name][system.label] = measure(system, server.conn, workload, rounds)
     labels = [s.label for s in compared]
     pool = labels[2]
-    text = [f"Total PSS (MB) of every process, N = {args.workers} workers, ~100 MB app, {rounds} rounds of"]
+    text = [f"Machine: {before} (before) / {common.machine().rsplit('; ', 1)[1]} (after)"]
+    text += [f"Total PSS (MB) of every process, N = {args.workers} workers, ~100 MB app, {rounds} rounds of"]
     text.append(f"{args.workers} jobs at once (peak = highest over all rounds; last = the last round's)\n")
     for workload in WORKLOADS:
         res = results[workload.name]

@@ -191,6 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     speeds: dict[str, Speed] = {}
+    before = common.machine()
     with common.RedisServer() as server:
         conn = server.conn
         compared = systems(server.url)
@@ -205,7 +206,8 @@ def main() -> None:
         }
         print(f"[overhead] {plan.cpu_seconds:g} s idle, {plan.cpu_seconds:g} s busy ...", flush=True)
         cpu = overhead(server.url, conn, plan.cpu_seconds)
-    report(speeds, ttin, cold, quits, cpu, plan)
+    machine = f"Machine: {before} (before) / {common.machine().rsplit('; ', 1)[1]} (after)"
+    report(machine, speeds, ttin, cold, quits, cpu, plan)
     labels = list(speeds)
     chart = common.bar_chart(
         "throughput",
@@ -219,6 +221,7 @@ def main() -> None:
 
 
 def report(
+    machine: str,
     speeds: dict[str, Speed],
     ttin: list[float],
     cold: list[float],
@@ -236,6 +239,7 @@ def report(
         rows.append([*row, ms(s.start_latency_ms), s.note or None])
     headers = ["system", "no-op jobs/s", "vs pool", "app jobs/s", "vs pool", "enqueue->start ms", "note"]
     lines = [
+        machine,
         f"Throughput: {plan.jobs} jobs drained by {N} workers, median of {plan.runs} runs, ~100 MB app;",
         f"enqueue->start: median of {plan.latency_samples} single jobs onto idle workers",
         common.table(headers, rows),
