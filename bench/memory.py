@@ -53,6 +53,7 @@ class Result:
     idle_start: float = 0.0
     peaks: list[float] | None = None
     idle_after: float = 0.0
+    generation: int | None = None  # resque-starter's generation at the end: a refork makes a new one
     detail: dict[str, Snapshot] = field(default_factory=dict)
 
     @property
@@ -127,6 +128,8 @@ def measure(system: System, conn: redis.Redis, workload: Workload, rounds: int) 
             settle(system, conn)
         result.detail["idle after"] = snapshot(system)
         result.idle_after = total(result.detail["idle after"])
+        if system.run_dir is not None:
+            result.generation = system.status()["generation"]
     return result
 
 
@@ -175,6 +178,49 @@ def targets(results: dict[str, dict[str, Result]], labels: list[str]) -> list[tu
     return rows
 
 
+HEADERS = [
+    "system",
+    "procs",
+    "idle start",
+    "peak",
+    "peak last",
+    "idle after",
+    "idle/pool",
+    "peak/pool",
+    "gen",
+]
+
+
+def _row(r: Result, pool: Result) -> list[object]:
+    idle, peak = f"{r.idle_start / pool.idle_start:.2f}x", f"{r.peak / pool.peak:.2f}x"
+    return [r.processes, r.idle_start, r.peak, r.last_peak, r.idle_after, idle, peak, r.generation]
+
+
+def render(results: dict[str, dict[str, Result]], labels: list[str], rounds: int, n: int) -> list[str]:
+    """The report: one table per workload, then the targets; `gen` is resque-starter's last generation."""
+    pool, refork = labels[2], results["realistic"][labels[1]]
+    text = [
+        f"Total PSS (MB) of every process, N = {n} workers, ~100 MB app, {rounds} rounds of {n} jobs at once",
+        "(peak = the highest sample over all rounds; peak last = the last round's)",
+        "",
+    ]
+    for workload in WORKLOADS:
+        res = results[workload.name]
+        rows = [[label, *_row(r, res[pool])] for label, r in res.items()]
+        text += [
+            f"{workload.name} ({workload.func}, {workload.seconds:g} s)",
+            common.table(HEADERS, rows),
+            "",
+        ]
+    if refork.generation == 1:
+        text += [f"note: {labels[1]} ended in generation 1: no refork happened in this run", ""]
+    return [
+        *text,
+        "Targets (issue 7)",
+        common.table(["target", "measured", "limit", "result"], targets(results, labels)),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -193,45 +239,8 @@ def main() -> None:
                 print(f"[{workload.name}] {system.label} ...", flush=True)
                 results[workload.name][system.label] = measure(system, server.conn, workload, rounds)
     labels = [s.label for s in compared]
-    pool = labels[2]
-    text = [f"Machine: {before} (before) / {common.machine().rsplit('; ', 1)[1]} (after)"]
-    text += [f"Total PSS (MB) of every process, N = {args.workers} workers, ~100 MB app, {rounds} rounds of"]
-    text.append(f"{args.workers} jobs at once (peak = highest over all rounds; last = the last round's)\n")
-    for workload in WORKLOADS:
-        res = results[workload.name]
-        headers = [
-            "system",
-            "procs",
-            "idle start",
-            "peak",
-            "peak last",
-            "idle after",
-            "idle/pool",
-            "peak/pool",
-        ]
-        rows = [
-            [
-                label,
-                r.processes,
-                r.idle_start,
-                r.peak,
-                r.last_peak,
-                r.idle_after,
-                f"{r.idle_start / res[pool].idle_start:.2f}x",
-                f"{r.peak / res[pool].peak:.2f}x",
-            ]
-            for label, r in res.items()
-        ]
-        text += [
-            f"{workload.name} ({workload.func}, {workload.seconds:g} s)",
-            common.table(headers, rows),
-            "",
-        ]
-    text += [
-        "Targets (issue 7)",
-        common.table(["target", "measured", "limit", "result"], targets(results, labels)),
-    ]
-    common.report("memory", "\n".join(text))
+    machine = f"Machine: {before} (before) / {common.machine().rsplit('; ', 1)[1]} (after)"
+    common.report("memory", "\n".join([machine, *render(results, labels, rounds, args.workers)]))
     path = common.OUT / "memory-processes.txt"
     path.write_text(details(results))
     print(f"per process: {path}")
