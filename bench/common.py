@@ -162,17 +162,19 @@ def child_env(redis_url: str, **overrides: str) -> dict[str, str]:
 
 @dataclass
 class System:
-    """One way to run N rq workers over the app: one or more commands whose process trees we measure."""
+    """One way to run rq workers over the app, on its own queue: commands whose process trees we measure."""
 
     label: str
     commands: list[list[str]]
     env: dict[str, str]
     workers: int
+    conn: redis.Redis
+    queue: str = QUEUE
     stop_signal: int = signal.SIGTERM
     run_dir: str | None = None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, conn: redis.Redis, timeout: float = 120) -> float:
+    def start(self, timeout: float = 120) -> float:
         """Start every command; return seconds until all `workers` are registered with rq."""
         logs = OUT / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -183,19 +185,15 @@ class System:
             for argv in self.commands
         ]
         log.close()
-        self.wait_registered(conn, self.workers, timeout)
+        wait_until(lambda: self.registered() == self.workers, timeout, f"{self.label} to register", 0.02)
         return time.monotonic() - began
 
-    def wait_registered(self, conn: redis.Redis, n: int, timeout: float = 60) -> None:
-        def registered() -> bool:
-            for p in self.procs:
-                if p.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.label}: {p.args} exited with {p.returncode} (see bench/out/logs)"
-                    )
-            return Worker.count(connection=conn) == n
-
-        wait_until(registered, timeout, f"{self.label}: {n} workers registered with rq", 0.02)
+    def registered(self) -> int:
+        """How many workers on our queue are registered with rq; raises if one of our commands died."""
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{self.label}: {p.args} exited with {p.returncode} (see bench/out/logs)")
+        return Worker.count(queue=Queue(self.queue, connection=self.conn))
 
     @property
     def roots(self) -> list[int]:
@@ -203,9 +201,6 @@ class System:
 
     def pids(self) -> list[int]:
         return tree(self.roots)
-
-    def pss(self) -> int:
-        return total_pss(self.pids())
 
     def status(self) -> dict[str, Any]:
         """resque-starter's `ctl status` document (the supervisor, molds and workers with their pids)."""
@@ -233,88 +228,80 @@ class System:
             p.wait()
 
     @contextlib.contextmanager
-    def running(self, conn: redis.Redis) -> Iterator[System]:
-        conn.flushall()
+    def running(self) -> Iterator[System]:
         try:
-            self.start(conn)
+            self.start()
             yield self
         finally:
             self.stop()
-            conn.flushall()
+
+    # ----------------------------------------------------------------- jobs on our queue
+
+    def enqueue(self, func: str, count: int, *args: Any) -> None:
+        """Put `count` jobs on our queue in one round trip."""
+        queue = Queue(self.queue, connection=self.conn)
+        with self.conn.pipeline() as pipe:
+            queue.enqueue_many([Queue.prepare_data(func, args) for _ in range(count)], pipeline=pipe)
+            pipe.execute()
+
+    def done(self) -> int:
+        """Jobs finished so far; a failed job stops the benchmark, since its numbers would mean nothing."""
+        failed = FailedJobRegistry(self.queue, connection=self.conn).get_job_count(cleanup=False)
+        if failed:
+            raise RuntimeError(f"{self.label}: {failed} job(s) failed; see bench/out/logs")
+        return FinishedJobRegistry(self.queue, connection=self.conn).get_job_count(cleanup=False)
+
+    def wait_done(self, total: int, timeout: float) -> None:
+        wait_until(lambda: self.done() >= total, timeout, f"{self.label}: {total} jobs to finish")
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        """Until no job is queued or running on our queue and each of our workers says idle."""
+        queue = Queue(self.queue, connection=self.conn)
+
+        def idle() -> bool:
+            running = StartedJobRegistry(self.queue, connection=self.conn).get_job_count(cleanup=False)
+            if queue.count or running:
+                return False
+            return all(w.get_state() == "idle" for w in Worker.all(queue=queue))
+
+        wait_until(idle, timeout, f"{self.label} to go idle", 0.02)
 
 
-def resque_starter(label: str, n: int, redis_url: str, **settings: str) -> System:
+def resque_starter(label: str, n: int, server: RedisServer, queue: str = QUEUE, **settings: str) -> System:
     """`python -m resque_starter run` with the app preloaded by its mold; settings are RESQUE_STARTER_*."""
     run_dir = tempfile.mkdtemp(prefix="bench-rs-")
     env = child_env(
-        redis_url,
+        server.url,
         RESQUE_STARTER_APP="bench_app",
         RESQUE_STARTER_CONCURRENCY=str(n),
+        RESQUE_STARTER_QUEUES=queue,
         RESQUE_STARTER_RUN_DIR=run_dir,
         **{f"RESQUE_STARTER_{k.upper()}": v for k, v in settings.items()},
     )
     command = [sys.executable, "-m", "resque_starter", "run"]
-    return System(label, [command], env, n, stop_signal=signal.SIGQUIT, run_dir=run_dir)
+    return System(label, [command], env, n, server.conn, queue, signal.SIGQUIT, run_dir)
 
 
-def _rq(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rq.cli", *args, "-c", "bench_rq_settings"]
+def _rq(server: RedisServer, queue: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "rq.cli", *args, "-u", server.url, "-c", "bench_rq_settings", queue]
 
 
-def rq_pool(n: int, redis_url: str) -> System:
+def rq_pool(n: int, server: RedisServer, queue: str = QUEUE) -> System:
     """`rq worker-pool -n N`, the app preloaded through its settings module before the pool forks."""
-    command = _rq("worker-pool", "-u", redis_url, "-n", str(n))
-    return System(f"rq worker-pool -n {n}", [command], child_env(redis_url), n)
+    command = _rq(server, queue, "worker-pool", "-n", str(n))
+    return System(f"rq worker-pool -n {n}", [command], child_env(server.url), n, server.conn, queue)
 
 
-def rq_workers(n: int, redis_url: str) -> System:
+def rq_workers(n: int, server: RedisServer, queue: str = QUEUE) -> System:
     """N independent `rq worker` processes, each importing the app itself."""
-    commands = [_rq("worker", "-u", redis_url) for _ in range(n)]
-    return System(f"{n} x rq worker", commands, child_env(redis_url), n)
+    commands = [_rq(server, queue, "worker") for _ in range(n)]
+    return System(f"{n} x rq worker", commands, child_env(server.url), n, server.conn, queue)
 
 
-def single(redis_url: str) -> System:
+def single(server: RedisServer, queue: str = QUEUE) -> System:
     """One process holding the app (a `rq worker` with rq.SimpleWorker): the floor for memory."""
-    argv = _rq("worker", "-u", redis_url, "-w", "rq.SimpleWorker")
-    return System("1 process (floor)", [argv], child_env(redis_url), 1)
-
-
-# --------------------------------------------------------------------------- jobs
-
-
-def enqueue(conn: redis.Redis, func: str, count: int, *args: Any) -> None:
-    """Put `count` jobs on the queue in one round trip."""
-    queue = Queue(QUEUE, connection=conn)
-    with conn.pipeline() as pipe:
-        queue.enqueue_many([Queue.prepare_data(func, args) for _ in range(count)], pipeline=pipe)
-        pipe.execute()
-
-
-def done_count(conn: redis.Redis) -> int:
-    """Jobs finished so far; a failed job stops the benchmark, since its numbers would mean nothing."""
-    failed = FailedJobRegistry(QUEUE, connection=conn).get_job_count(cleanup=False)
-    if failed:
-        raise RuntimeError(f"{failed} job(s) failed; see bench/out/logs")
-    return FinishedJobRegistry(QUEUE, connection=conn).get_job_count(cleanup=False)
-
-
-def wait_done(conn: redis.Redis, total: int, timeout: float, interval: float = 0.005) -> None:
-    wait_until(lambda: done_count(conn) >= total, timeout, f"{total} jobs to finish", interval)
-
-
-def running_count(conn: redis.Redis) -> int:
-    return StartedJobRegistry(QUEUE, connection=conn).get_job_count(cleanup=False)
-
-
-def wait_idle(conn: redis.Redis, timeout: float = 30) -> None:
-    """Until no job is queued or running and every worker says idle."""
-
-    def idle() -> bool:
-        if Queue(QUEUE, connection=conn).count or running_count(conn):
-            return False
-        return all(w.get_state() == "idle" for w in Worker.all(connection=conn))
-
-    wait_until(idle, timeout, "the workers to go idle", 0.02)
+    argv = _rq(server, queue, "worker", "-w", "rq.SimpleWorker")
+    return System("1 process (floor)", [argv], child_env(server.url), 1, server.conn, queue)
 
 
 # --------------------------------------------------------------------------- output

@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import redis
-
 import common
 from common import MB, System, procmem
 
@@ -65,11 +63,11 @@ class Result:
         return (self.peaks or [0.0])[-1]
 
 
-def settled(system: System, conn: redis.Redis) -> Callable[[], bool]:
+def settled(system: System) -> Callable[[], bool]:
     """True once the system is idle and, for resque-starter, one generation serves every slot."""
 
     def check() -> bool:
-        common.wait_idle(conn)
+        system.wait_idle()
         if system.run_dir is None:
             return True
         status = system.status()
@@ -83,13 +81,13 @@ def settled(system: System, conn: redis.Redis) -> Callable[[], bool]:
     return check
 
 
-def settle(system: System, conn: redis.Redis) -> None:
+def settle(system: System) -> None:
     """Wait until the system has looked idle, with the same processes, for SETTLE seconds.
 
     A stable window rather than one look: horses exit just after their job, and a refork may begin
     just after a worker's Nth job.
     """
-    check = settled(system, conn)
+    check = settled(system)
     since: float | None = None
     seen: list[int] = []
 
@@ -105,27 +103,26 @@ def settle(system: System, conn: redis.Redis) -> None:
     common.wait_until(stable, 120, f"{system.label} to settle", 0.1)
 
 
-def peak_during(
-    system: System, conn: redis.Redis, workload: Workload, jobs: int, done_before: int
-) -> Snapshot:
+def peak_during(system: System, workload: Workload, jobs: int, done_before: int) -> Snapshot:
     """Enqueue `jobs` jobs and sample the system until they have all finished: the largest sample."""
-    common.enqueue(conn, workload.func, jobs, workload.seconds)
+    system.enqueue(workload.func, jobs, workload.seconds)
     peak: Snapshot = []
-    while common.done_count(conn) < done_before + jobs:
+    while system.done() < done_before + jobs:
         peak = max(peak, snapshot(system), key=total)
     return peak
 
 
-def measure(system: System, conn: redis.Redis, workload: Workload, rounds: int) -> Result:
-    with system.running(conn):
-        settle(system, conn)
+def measure(system: System, workload: Workload, rounds: int) -> Result:
+    system.conn.flushall()
+    with system.running():
+        settle(system)
         start = snapshot(system)
         result = Result(processes=len(start), idle_start=total(start), peaks=[], detail={"idle start": start})
         for n in range(rounds):
-            peak = peak_during(system, conn, workload, system.workers, n * system.workers)
+            peak = peak_during(system, workload, system.workers, n * system.workers)
             result.peaks.append(total(peak))
             result.detail[f"peak round {n + 1}"] = peak
-            settle(system, conn)
+            settle(system)
         result.detail["idle after"] = snapshot(system)
         result.idle_after = total(result.detail["idle after"])
         if system.run_dir is not None:
@@ -145,15 +142,14 @@ def details(results: dict[str, dict[str, Result]]) -> str:
     return "\n".join(lines)
 
 
-def systems(n: int, url: str, refork_after: int) -> list[System]:
+def systems(n: int, server: common.RedisServer, refork_after: int) -> list[System]:
+    refork = f"resque-starter refork={refork_after}"
     return [
-        common.resque_starter("resque-starter", n, url),
-        common.resque_starter(
-            f"resque-starter refork={refork_after}", n, url, refork_after=str(refork_after)
-        ),
-        common.rq_pool(n, url),
-        common.rq_workers(n, url),
-        common.single(url),
+        common.resque_starter("resque-starter", n, server),
+        common.resque_starter(refork, n, server, refork_after=str(refork_after)),
+        common.rq_pool(n, server),
+        common.rq_workers(n, server),
+        common.single(server),
     ]
 
 
@@ -233,11 +229,11 @@ def main() -> None:
     results: dict[str, dict[str, Result]] = {w.name: {} for w in WORKLOADS}
     before = common.machine()
     with common.RedisServer() as server:
-        compared = systems(args.workers, server.url, args.refork_after)
+        compared = systems(args.workers, server, args.refork_after)
         for workload in WORKLOADS:
             for system in compared:
                 print(f"[{workload.name}] {system.label} ...", flush=True)
-                results[workload.name][system.label] = measure(system, server.conn, workload, rounds)
+                results[workload.name][system.label] = measure(system, workload, rounds)
     labels = [s.label for s in compared]
     machine = f"Machine: {before} (before) / {common.machine().rsplit('; ', 1)[1]} (after)"
     common.report("memory", "\n".join([machine, *render(results, labels, rounds, args.workers)]))

@@ -12,16 +12,16 @@ Overhead: CPU seconds of resque-starter's supervisor and mold over an idle and a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import redis
-from rq import Queue, Worker
+from rq import Queue
 
 import common
-from common import System
+from common import RedisServer, System
 
 N = 2
 WORKLOADS = {"no-op": "bench_app.noop", "app": "bench_app.use_app"}
@@ -39,7 +39,7 @@ class Plan:
 
 
 FULL = Plan(
-    jobs=200, runs=3, latency_samples=20, ttin_samples=10, cold_samples=3, quit_samples=3, cpu_seconds=60
+    jobs=200, runs=5, latency_samples=20, ttin_samples=10, cold_samples=3, quit_samples=3, cpu_seconds=60
 )
 QUICK = Plan(
     jobs=100, runs=3, latency_samples=10, ttin_samples=5, cold_samples=2, quit_samples=1, cpu_seconds=15
@@ -56,35 +56,35 @@ class Speed:
         return common.median(self.rates[workload])
 
 
-def systems(url: str) -> list[System]:
+def systems(server: RedisServer) -> list[System]:
+    """The systems compared, each on its own queue so that all run at once and their runs interleave."""
     return [
-        common.resque_starter("resque-starter rq.Worker", N, url),
-        common.resque_starter("resque-starter SimpleWorker", N, url, worker_class="rq.SimpleWorker"),
-        common.resque_starter("resque-starter prefork horse", N, url, prefork_horse="true"),
-        common.rq_pool(N, url),
-        common.rq_workers(N, url),
+        common.resque_starter("resque-starter rq.Worker", N, server, "q0"),
+        common.resque_starter("resque-starter SimpleWorker", N, server, "q1", worker_class="rq.SimpleWorker"),
+        common.resque_starter("resque-starter prefork horse", N, server, "q2", prefork_horse="true"),
+        common.rq_pool(N, server, "q3"),
+        common.rq_workers(N, server, "q4"),
     ]
 
 
-def drain(conn: redis.Redis, func: str, jobs: int) -> float:
-    """Jobs per second for `jobs` jobs of `func`, enqueued at once onto idle workers."""
-    before = common.done_count(conn)
+def drain(system: System, func: str, jobs: int) -> float:
+    """Jobs per second for `jobs` jobs of `func`, enqueued at once onto the system's idle workers."""
+    before = system.done()
     began = time.perf_counter()
-    common.enqueue(conn, func, jobs)
-    common.wait_done(conn, before + jobs, timeout=max(60, jobs))
+    system.enqueue(func, jobs)
+    system.wait_done(before + jobs, timeout=max(60, jobs))
     rate = jobs / (time.perf_counter() - began)
-    common.wait_idle(conn)
+    system.wait_idle()
     return rate
 
 
-def start_latency_ms(conn: redis.Redis) -> float:
+def start_latency_ms(system: System) -> float:
     """Milliseconds from enqueueing one job onto an idle worker to its function starting."""
-    queue = Queue(common.QUEUE, connection=conn)
     enqueued = time.time()
-    job = queue.enqueue("bench_app.stamp")
+    job = Queue(system.queue, connection=system.conn).enqueue("bench_app.stamp")
     common.wait_until(lambda: job.get_status(refresh=True) == "finished", 30, "the stamp job", 0.002)
     started = float(job.return_value())
-    common.wait_idle(conn)
+    system.wait_idle()
     return (started - enqueued) * 1000
 
 
@@ -94,60 +94,66 @@ def idle_horses(system: System) -> bool:
     return all(len(common.tree([pid])) > 1 for pid in workers)
 
 
-def _within(predicate: Callable[[System], bool], system: System, seconds: float) -> bool:
+def within(predicate: Callable[[], bool], seconds: float) -> bool:
     try:
-        common.wait_until(lambda: predicate(system), seconds, "", 0.05)
+        common.wait_until(predicate, seconds, "", 0.05)
     except TimeoutError:
         return False
     return True
 
 
-def measure_speed(system: System, conn: redis.Redis, plan: Plan) -> Speed:
-    speed = Speed()
-    with system.running(conn):
-        drain(conn, WORKLOADS["no-op"], 4 * N)  # warm-up: first imports, first forks
-        if "prefork" in system.label and not _within(idle_horses, system, 5):
-            speed.note = "no idle pre-forked horse seen: RESQUE_STARTER_PREFORK_HORSE had no effect"
-        for name, func in WORKLOADS.items():
-            speed.rates[name] = [drain(conn, func, plan.jobs) for _ in range(plan.runs)]
-        speed.start_latency_ms = [start_latency_ms(conn) for _ in range(plan.latency_samples)]
-    return speed
+def measure_speeds(compared: list[System], plan: Plan) -> dict[str, Speed]:
+    """All systems run at once, idle but for the one being measured; run k of each system comes before
+    run k+1 of any, so a slow spell of this (shared) machine falls on all of them alike."""
+    speeds = {s.label: Speed() for s in compared}
+    with contextlib.ExitStack() as stack:
+        for system in compared:
+            stack.enter_context(system.running())
+            drain(system, WORKLOADS["no-op"], 4 * N)  # warm-up: first imports, first forks
+        for system in compared:
+            if "prefork" in system.label and not within(lambda s=system: idle_horses(s), 5):
+                speeds[system.label].note = "no idle pre-forked horse seen: the setting had no effect"
+        for run in range(plan.runs):
+            print(f"[throughput] run {run + 1} of {plan.runs}", flush=True)
+            for name, func in WORKLOADS.items():
+                for system in compared:
+                    speeds[system.label].rates.setdefault(name, []).append(drain(system, func, plan.jobs))
+        for _ in range(plan.latency_samples):
+            for system in compared:
+                speeds[system.label].start_latency_ms.append(start_latency_ms(system))
+    return speeds
 
 
-def ttin_ms(url: str, conn: redis.Redis, samples: int) -> list[float]:
+def ttin_ms(server: RedisServer, samples: int) -> list[float]:
     """Milliseconds from TTIN to the supervisor to one more worker registered with rq, `samples` times."""
-    system = common.resque_starter("resque-starter TTIN", N, url)
+    system = common.resque_starter("resque-starter TTIN", N, server, "ttin")
     result = []
-    with system.running(conn):
+    with system.running():
         for _ in range(samples):
-            before = Worker.count(connection=conn)
+            before = system.registered()
             began = time.perf_counter()
             system.signal(signal.SIGTTIN)
-            common.wait_until(
-                lambda b=before: Worker.count(connection=conn) > b, 30, "the TTIN worker", 0.001
-            )
+            common.wait_until(lambda b=before: system.registered() > b, 30, "the TTIN worker", 0.001)
             result.append((time.perf_counter() - began) * 1000)
     return result
 
 
-def cold_start_ms(url: str, conn: redis.Redis, samples: int) -> list[float]:
+def cold_start_ms(server: RedisServer, samples: int) -> list[float]:
     """Milliseconds from launching `rq worker` (the app in its settings module) to registered with rq."""
     result = []
     for _ in range(samples):
-        system = common.rq_workers(1, url)
-        conn.flushall()
-        result.append(system.start(conn, timeout=60) * 1000)
+        system = common.rq_workers(1, server, "cold")
+        result.append(system.start(timeout=60) * 1000)
         system.stop()
     return result
 
 
-def quit_ms(system: System, conn: redis.Redis, samples: int) -> list[float]:
+def quit_ms(system: System, samples: int) -> list[float]:
     """Milliseconds from the graceful-stop signal (QUIT; TERM for rq) to every process gone, when idle."""
     result = []
     for _ in range(samples):
-        conn.flushall()
-        system.start(conn)
-        common.wait_idle(conn)
+        system.start()
+        system.wait_idle()
         pids = system.pids()
         began = time.perf_counter()
         system.signal(system.stop_signal)
@@ -157,25 +163,24 @@ def quit_ms(system: System, conn: redis.Redis, samples: int) -> list[float]:
     return result
 
 
-def overhead(url: str, conn: redis.Redis, seconds: float) -> dict[str, float]:
+def overhead(server: RedisServer, seconds: float) -> dict[str, float]:
     """Supervisor + mold CPU seconds per minute, idle and while no-op jobs keep both workers busy."""
-    system = common.resque_starter("resque-starter CPU", N, url)
+    system = common.resque_starter("resque-starter CPU", N, server, "cpu")
+    queue = Queue(system.queue, connection=system.conn)
     result = {}
-    with system.running(conn):
-        common.wait_idle(conn)
+    with system.running():
         status = system.status()
         pids = [status["pid"], *(m["pid"] for m in status["molds"])]
         for phase in ("idle", "busy"):
+            system.wait_idle()
             used = sum(map(common.cpu_seconds, pids))
             began = time.monotonic()
             while time.monotonic() - began < seconds:
-                if phase == "busy" and Queue(common.QUEUE, connection=conn).count < 50:
-                    common.enqueue(conn, WORKLOADS["no-op"], 100)
+                if phase == "busy" and queue.count < 50:
+                    system.enqueue(WORKLOADS["no-op"], 100)
                 time.sleep(0.1)
-            elapsed = time.monotonic() - began
-            result[phase] = (sum(map(common.cpu_seconds, pids)) - used) * 60 / elapsed
-            Queue(common.QUEUE, connection=conn).empty()
-            common.wait_idle(conn)
+            result[phase] = (sum(map(common.cpu_seconds, pids)) - used) * 60 / (time.monotonic() - began)
+            queue.empty()
     return result
 
 
@@ -190,22 +195,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer jobs and samples, 15 s CPU windows")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
-    speeds: dict[str, Speed] = {}
     before = common.machine()
-    with common.RedisServer() as server:
-        conn = server.conn
-        compared = systems(server.url)
-        for system in compared:
-            print(f"[throughput] {system.label} ...", flush=True)
-            speeds[system.label] = measure_speed(system, conn, plan)
+    with RedisServer() as server:
+        speeds = measure_speeds(systems(server), plan)
         print("[latency] TTIN, cold start, QUIT ...", flush=True)
-        ttin = ttin_ms(server.url, conn, plan.ttin_samples)
-        cold = cold_start_ms(server.url, conn, plan.cold_samples)
-        quits = {
-            s.label: quit_ms(s, conn, plan.quit_samples) for s in (compared[0], compared[3], compared[4])
-        }
+        ttin = ttin_ms(server, plan.ttin_samples)
+        cold = cold_start_ms(server, plan.cold_samples)
+        stopping = [common.resque_starter("resque-starter", N, server), common.rq_pool(N, server)]
+        quits = {s.label: quit_ms(s, plan.quit_samples) for s in [*stopping, common.rq_workers(N, server)]}
         print(f"[overhead] {plan.cpu_seconds:g} s idle, {plan.cpu_seconds:g} s busy ...", flush=True)
-        cpu = overhead(server.url, conn, plan.cpu_seconds)
+        cpu = overhead(server, plan.cpu_seconds)
     machine = f"Machine: {before} (before) / {common.machine().rsplit('; ', 1)[1]} (after)"
     report(machine, speeds, ttin, cold, quits, cpu, plan)
     labels = list(speeds)
@@ -240,8 +239,8 @@ def report(
     headers = ["system", "no-op jobs/s", "vs pool", "app jobs/s", "vs pool", "enqueue->start ms", "note"]
     lines = [
         machine,
-        f"Throughput: {plan.jobs} jobs drained by {N} workers, median of {plan.runs} runs, ~100 MB app;",
-        f"enqueue->start: median of {plan.latency_samples} single jobs onto idle workers",
+        f"Throughput: {plan.jobs} jobs drained by {N} workers over a ~100 MB app, median of {plan.runs}",
+        f"interleaved runs; enqueue->start: median of {plan.latency_samples} single jobs onto idle workers",
         common.table(headers, rows),
         "",
         "Latency (ms, median)",
@@ -254,8 +253,8 @@ def report(
             ],
         ),
         "",
-        f"Supervisor + mold CPU, measured over {plan.cpu_seconds:g} s each: idle {cpu['idle']:.3f} s/min, "
-        f"busy {cpu['busy']:.3f} s/min",
+        f"Supervisor + mold CPU over {plan.cpu_seconds:g} s each (in clock ticks of 0.01 s): "
+        f"idle {cpu['idle']:.3f} s/min, busy {cpu['busy']:.3f} s/min",
         "",
     ]
     noop = {k: s.rate("no-op") / speeds[pool].rate("no-op") for k, s in speeds.items()}
