@@ -319,7 +319,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table, numbers right-aligned, that reads the same in a terminal and in a README."""
     cells = [[str(c) for c in headers], *[[_cell(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(_is_number(r[i]) for r in cells[1:]) for i in range(len(headers))]
+    numeric = [_numeric([r[i] for r in cells[1:] if r[i] != "-"]) for i in range(len(headers))]
     lines = []
     for n, row in enumerate(cells):
         lines.append(
@@ -340,12 +340,12 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def _is_number(text: str) -> bool:
+def _numeric(column: list[str]) -> bool:
     try:
-        float(text.rstrip("x%"))
+        [float(text.rstrip("x%")) for text in column]
     except ValueError:
-        return text == "-"
-    return True
+        return False
+    return bool(column)
 
 
 def machine() -> str:

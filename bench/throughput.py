@@ -55,6 +55,9 @@ class Speed:
     def rate(self, workload: str) -> float:
         return common.median(self.rates[workload])
 
+    def spread(self, workload: str) -> str:
+        return f"{min(self.rates[workload]):.0f}-{max(self.rates[workload]):.0f}"
+
 
 def systems(server: RedisServer) -> list[System]:
     """The systems compared, each on its own queue so that all run at once and their runs interleave."""
@@ -234,9 +237,10 @@ def report(
     for label, s in speeds.items():
         row: list[object] = [label]
         for name in WORKLOADS:
-            row += [s.rate(name), f"{s.rate(name) / speeds[pool].rate(name):.2f}x"]
+            row += [s.rate(name), s.spread(name), f"{s.rate(name) / speeds[pool].rate(name):.2f}x"]
         rows.append([*row, ms(s.start_latency_ms), s.note or None])
-    headers = ["system", "no-op jobs/s", "vs pool", "app jobs/s", "vs pool", "enqueue->start ms", "note"]
+    headers = ["system", "no-op jobs/s", "min-max", "vs pool", "app jobs/s", "min-max", "vs pool"]
+    headers += ["enqueue->start ms", "note"]
     lines = [
         machine,
         f"Throughput: {plan.jobs} jobs drained by {N} workers over a ~100 MB app, median of {plan.runs}",
