@@ -129,11 +129,15 @@ def total_pss(pids: Sequence[int]) -> int:
     return sum(m.pss for m in map(procmem.read, pids) if m is not None)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds this process used itself (not its reaped children)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds this process used, with its reaped children's if asked; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(x) for x in fields[11 : 15 if children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def title(pid: int) -> str:
@@ -201,6 +205,10 @@ class System:
 
     def pids(self) -> list[int]:
         return tree(self.roots)
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by the system's processes and the children they reaped (the horses)."""
+        return sum(cpu_seconds(pid, children=True) for pid in self.pids())
 
     def status(self) -> dict[str, Any]:
         """resque-starter's `ctl status` document (the supervisor, molds and workers with their pids)."""

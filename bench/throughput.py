@@ -49,6 +49,7 @@ QUICK = Plan(
 @dataclass
 class Speed:
     rates: dict[str, list[float]] = field(default_factory=dict)
+    cpu_ms: dict[str, list[float]] = field(default_factory=dict)
     start_latency_ms: list[float] = field(default_factory=list)
     note: str = ""
 
@@ -70,15 +71,16 @@ def systems(server: RedisServer) -> list[System]:
     ]
 
 
-def drain(system: System, func: str, jobs: int) -> float:
-    """Jobs per second for `jobs` jobs of `func`, enqueued at once onto the system's idle workers."""
-    before = system.done()
+def drain(system: System, func: str, jobs: int) -> tuple[float, float]:
+    """Jobs per second and CPU milliseconds per job for `jobs` jobs of `func`, enqueued at once onto
+    the system's idle workers. CPU per job hardly depends on what else the machine runs; jobs/s does."""
+    before, cpu = system.done(), system.cpu()
     began = time.perf_counter()
     system.enqueue(func, jobs)
     system.wait_done(before + jobs, timeout=max(60, jobs))
     rate = jobs / (time.perf_counter() - began)
     system.wait_idle()
-    return rate
+    return rate, (system.cpu() - cpu) * 1000 / jobs
 
 
 def start_latency_ms(system: System) -> float:
@@ -120,7 +122,9 @@ def measure_speeds(compared: list[System], plan: Plan) -> dict[str, Speed]:
             print(f"[throughput] run {run + 1} of {plan.runs}", flush=True)
             for name, func in WORKLOADS.items():
                 for system in compared:
-                    speeds[system.label].rates.setdefault(name, []).append(drain(system, func, plan.jobs))
+                    rate, cpu = drain(system, func, plan.jobs)
+                    speeds[system.label].rates.setdefault(name, []).append(rate)
+                    speeds[system.label].cpu_ms.setdefault(name, []).append(cpu)
         for _ in range(plan.latency_samples):
             for system in compared:
                 speeds[system.label].start_latency_ms.append(start_latency_ms(system))
@@ -238,13 +242,16 @@ def report(
         row: list[object] = [label]
         for name in WORKLOADS:
             row += [s.rate(name), s.spread(name), f"{s.rate(name) / speeds[pool].rate(name):.2f}x"]
+            row.append(common.median(s.cpu_ms[name]))
         rows.append([*row, ms(s.start_latency_ms), s.note or None])
-    headers = ["system", "no-op jobs/s", "min-max", "vs pool", "app jobs/s", "min-max", "vs pool"]
-    headers += ["enqueue->start ms", "note"]
+    headers = ["system", "no-op jobs/s", "min-max", "vs pool", "CPU ms/job"]
+    headers += ["app jobs/s", "min-max", "vs pool", "CPU ms/job", "enqueue->start ms", "note"]
     lines = [
         machine,
         f"Throughput: {plan.jobs} jobs drained by {N} workers over a ~100 MB app, median of {plan.runs}",
-        f"interleaved runs; enqueue->start: median of {plan.latency_samples} single jobs onto idle workers",
+        "interleaved runs; CPU ms/job: CPU time of all the system's processes and the horses they reaped,",
+        f"per job (median; barely changed by other load); enqueue->start: median of {plan.latency_samples} "
+        "single jobs onto idle workers",
         common.table(headers, rows),
         "",
         "Latency (ms, median)",
