@@ -363,9 +363,12 @@ def machine() -> str:
     import rq
 
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
+    ).stdout.strip()
     return (
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, rq {rq.__version__}, "
-        f"redis-py {redis.__version__}; load average {load}"
+        f"resque-starter {commit or '(not a git checkout)'}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, rq {rq.__version__}, redis-py {redis.__version__}; load average {load}"
     )
 
 
