@@ -35,6 +35,7 @@ from resque_starter import procmem  # noqa: E402
 OUT = BENCH / "out"
 QUEUE = "default"
 MB = 2**20
+Snapshot = list[tuple[str, procmem.Memory]]  # (process title, its memory) for each process of a system
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.005) -> Any:
@@ -124,11 +125,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def total_pss(pids: Sequence[int]) -> int:
-    """Bytes of proportional set size summed over processes: what they cost together, shared pages split."""
-    return sum(m.pss for m in map(procmem.read, pids) if m is not None)
-
-
 def cpu_seconds(pid: int, children: bool = False) -> float:
     """User + system CPU seconds this process used, with its reaped children's if asked; 0 if gone."""
     try:
@@ -205,6 +201,11 @@ class System:
 
     def pids(self) -> list[int]:
         return tree(self.roots)
+
+    def snapshot(self) -> Snapshot:
+        """Every process of the system with its memory (PSS, USS, shared, RSS), sampled now."""
+        found = ((title(pid), procmem.read(pid)) for pid in self.pids())
+        return [(name, mem) for name, mem in found if mem is not None]
 
     def cpu(self) -> float:
         """CPU seconds used so far by the system's processes and the children they reaped (the horses)."""

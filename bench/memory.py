@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import common
-from common import MB, System, procmem
+from common import MB, Snapshot, System
 
 
 @dataclass
@@ -31,14 +31,6 @@ WORKLOADS = (
     Workload("realistic", "bench_app.realistic", 1.0),
 )
 SETTLE = 1.5  # seconds a system must look unchanged before an idle sample
-
-
-Snapshot = list[tuple[str, procmem.Memory]]  # (process title, its memory) for each process of a system
-
-
-def snapshot(system: System) -> Snapshot:
-    found = ((common.title(pid), procmem.read(pid)) for pid in system.pids())
-    return [(title, mem) for title, mem in found if mem is not None]
 
 
 def total(snap: Snapshot) -> float:
@@ -108,7 +100,7 @@ def peak_during(system: System, workload: Workload, jobs: int, done_before: int)
     system.enqueue(workload.func, jobs, workload.seconds)
     peak: Snapshot = []
     while system.done() < done_before + jobs:
-        peak = max(peak, snapshot(system), key=total)
+        peak = max(peak, system.snapshot(), key=total)
     return peak
 
 
@@ -116,14 +108,14 @@ def measure(system: System, workload: Workload, rounds: int) -> Result:
     system.conn.flushall()
     with system.running():
         settle(system)
-        start = snapshot(system)
+        start = system.snapshot()
         result = Result(processes=len(start), idle_start=total(start), peaks=[], detail={"idle start": start})
         for n in range(rounds):
             peak = peak_during(system, workload, system.workers, n * system.workers)
             result.peaks.append(total(peak))
             result.detail[f"peak round {n + 1}"] = peak
             settle(system)
-        result.detail["idle after"] = snapshot(system)
+        result.detail["idle after"] = system.snapshot()
         result.idle_after = total(result.detail["idle after"])
         if system.run_dir is not None:
             result.generation = system.status()["generation"]
