@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rq import Queue
-
 import common
 from common import RedisServer, System
+from rq import Queue
 
 N = 2
 WORKLOADS = {"no-op": "bench_app.noop", "app": "bench_app.use_app"}
