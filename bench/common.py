@@ -136,6 +136,16 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether the process has installed a handler for the signal (SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (sig - 1) & 1)
+
+
 def title(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -186,7 +196,14 @@ class System:
         ]
         log.close()
         wait_until(lambda: self.registered() == self.workers, timeout, f"{self.label} to register", 0.02)
-        return time.monotonic() - began
+        seconds = time.monotonic() - began
+        # rq's worker-pool forks its workers before it installs its signal handlers: a stop signal
+        # sent in between kills the pool and orphans the workers.
+        wait_until(self._catches_stop, 30, f"{self.label} to handle {self.stop_signal!r}", 0.01)
+        return seconds
+
+    def _catches_stop(self) -> bool:
+        return all(catches(pid, self.stop_signal) for pid in self.roots)
 
     def registered(self) -> int:
         """How many workers on our queue are registered with rq; raises if one of our commands died."""

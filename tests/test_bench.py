@@ -65,3 +65,9 @@ def test_benchmarks_parse_their_flags() -> None:
         out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "--quick" in out.stdout
+
+
+def test_catches_reads_the_installed_handlers(family: tuple[subprocess.Popen[str], int]) -> None:
+    parent, _ = family
+    assert common.catches(os.getpid(), signal.SIGINT)  # Python's own KeyboardInterrupt handler
+    assert not common.catches(parent.pid, signal.SIGTERM)
