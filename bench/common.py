@@ -57,7 +57,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server on a free 127.0.0.1 port, no persistence."""
+    """A throwaway redis-server on a free 127.0.0.1 port, no persistence; `tmp` is removed with it."""
 
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
@@ -65,7 +65,8 @@ class RedisServer:
             sys.exit("redis-server is not installed (apt-get install -y redis-server)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._dir = tempfile.TemporaryDirectory(prefix="bench-redis-")
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-")
+        self.tmp = self._dir.name
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         argv += ["--dir", self._dir.name, "--loglevel", "warning"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
@@ -295,7 +296,7 @@ class System:
 
 def resque_starter(label: str, n: int, server: RedisServer, queue: str = QUEUE, **settings: str) -> System:
     """`python -m resque_starter run` with the app preloaded by its mold; settings are RESQUE_STARTER_*."""
-    run_dir = tempfile.mkdtemp(prefix="bench-rs-")
+    run_dir = tempfile.mkdtemp(prefix="run-", dir=server.tmp)  # removed with the server
     env = child_env(
         server.url,
         RESQUE_STARTER_APP="bench_app",
