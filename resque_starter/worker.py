@@ -430,11 +430,12 @@ class StarterMixin:
         try:
             if self._controls.stop:  # it came after the claim: teardown puts the job back
                 raise StopRequested()
-            if refork_after is not None and self._jobs_done + 1 == refork_after and self._forks:
-                self._execute_here(job, queue)
-            else:
-                super().execute_job(job, queue)
+            # a refork candidate's Nth job runs in this process, even with a forking worker class, so
+            # what it loads lazily (imports, caches) stays here, and so in the mold this may become
+            self._in_process = self._jobs_done + 1 == refork_after
+            super().execute_job(job, queue)
         finally:
+            self._in_process = False
             self._running = None
             self._interrupts.clear()
             self._performing = False
@@ -448,17 +449,6 @@ class StarterMixin:
     def _forks(self) -> bool:
         """Whether jobs run in a work-horse (rq.Worker and its subclasses) rather than in this process."""
         return isinstance(self, ForkingWorker) and not self._in_process
-
-    def _execute_here(self, job: Job, queue: Queue) -> None:
-        """rq.SimpleWorker's execute_job, for a refork candidate's Nth job: what the job loads lazily
-        (imports, caches) stays in this process, and so in the mold it may become."""
-        self._in_process = True
-        try:
-            execution = self.prepare_execution(job)
-            self.perform_job(job, queue, execution)
-            self.set_state(WorkerStatus.IDLE)
-        finally:
-            self._in_process = False
 
     def prepare_execution(self, job: Job) -> Execution:
         """rq's prepare_execution, plus removing the job from the claim list in the same transaction:
@@ -476,6 +466,9 @@ class StarterMixin:
         return execution
 
     def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        if self._in_process:  # rq.SimpleWorker's way, inside the worker class's own execute_job
+            self.perform_job(job, queue, self.execution)  # type: ignore[arg-type]
+            return
         self._start_horse(job, queue)
         self._send_busy(horse=self.horse_pid)
         if self._interrupts:  # the signal came before there was a horse to kill
@@ -484,6 +477,10 @@ class StarterMixin:
     def _start_horse(self, job: Job, queue: Queue) -> None:
         """rq forks the horse here; PreforkHorseMixin hands the job to one forked in advance instead."""
         super().fork_work_horse(job, queue)
+
+    def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
+        if not self._in_process:  # nothing to monitor when the job ran in fork_work_horse
+            super().monitor_work_horse(job, queue, execution)
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         super().prepare_job_execution(job, remove_from_intermediate_queue)

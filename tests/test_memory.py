@@ -57,8 +57,8 @@ def reforked_mold(s: Starter) -> dict | None:  # type: ignore[type-arg]
 
 @pytest.mark.parametrize(
     ("worker_class", "prefork"),
-    [("rq.Worker", "false"), ("rq.SimpleWorker", "false"), ("rq.Worker", "true")],
-    ids=["Worker", "SimpleWorker", "Worker-prefork"],
+    [("testjobs.CountingWorker", "false"), ("rq.SimpleWorker", "false"), ("rq.Worker", "true")],
+    ids=["CountingWorker", "SimpleWorker", "Worker-prefork"],
 )
 def test_refork_under_a_stream_of_jobs_keeps_every_job_and_shares_what_jobs_loaded(
     start: Start, conn: redis.Redis, worker_class: str, prefork: str
@@ -89,6 +89,8 @@ def test_refork_under_a_stream_of_jobs_keeps_every_job_and_shares_what_jobs_load
     done = ran(conn, "lazy")
     assert set(done) == {j.id for j in stream}, "no job lost"
     assert max(done.values()) == 1, "no job ran twice"
+    if worker_class == "testjobs.CountingWorker":  # its execute_job ran for the in-process job too
+        assert all(conn.get(f"counting:{j.id}") == b"1" for j in stream)
     assert registries(conn) == {"queued": [], "started": [], "failed": []}
     assert mold["pid"] in old, "the new mold is one of the old workers"
     assert old_mold not in [m["pid"] for m in s.status()["molds"]], "the imported mold is gone"
