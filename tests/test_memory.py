@@ -90,7 +90,10 @@ def test_refork_under_a_stream_of_jobs_keeps_every_job_and_shares_what_jobs_load
     assert set(done) == {j.id for j in stream}, "no job lost"
     assert max(done.values()) == 1, "no job ran twice"
     if worker_class == "testjobs.CountingWorker":  # its execute_job ran for the in-process job too
-        assert all(conn.get(f"counting:{j.id}") == b"1" for j in stream)
+        wait_for(
+            lambda: all(conn.get(f"counting:{j.id}") == b"1" for j in stream),
+            what="CountingWorker.execute_job after every job",
+        )
     assert registries(conn) == {"queued": [], "started": [], "failed": []}
     assert mold["pid"] in old, "the new mold is one of the old workers"
     assert old_mold not in [m["pid"] for m in s.status()["molds"]], "the imported mold is gone"
