@@ -5,8 +5,11 @@ test_supervisor.py and test_pid1.py with a PREFORK parameter."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -219,3 +222,36 @@ def test_spec_paused_worker_keeps_no_job_but_its_spare(start: Start, conn: redis
     worker.signal(signal.SIGCONT)
     worker.expect("resumed")
     assert worker.expect("busy")["horse"] == spare
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    return {int(t[len("socket:[") : -1]) for t in socket_targets(pid)}
+
+
+def _unix_peers() -> dict[int, int]:
+    """Unix socket inode -> its peer's inode, from `ss` (sock_diag): /proc does not tell."""
+    out = subprocess.run(["ss", "-xaH"], capture_output=True, text=True, check=True).stdout
+    return {int(f[5]): int(f[7]) for f in (line.split() for line in out.splitlines()) if len(f) >= 8}
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_the_scheduler_does_not_hold_the_spare_socket(start: Start, conn: redis.Redis) -> None:
+    """rq forks its scheduler after the first spare: the worker's end of the spare's socket stays its own."""
+    worker = start(worker_class=PREFORK, spec=new_spec(scheduler=True))
+    worker.expect("ready")
+    spare = one_spare(worker)
+
+    def scheduler() -> int | None:
+        with open(f"/proc/{worker.pid}/task/{worker.pid}/children") as f:
+            others = [int(p) for p in f.read().split() if int(p) != spare]
+        return others[0] if others else None
+
+    pid = int(wait_for(scheduler, what="rq's scheduler process"))  # type: ignore[arg-type]
+    peers = _unix_peers()
+    ours = {peers[inode] for inode in _socket_inodes(spare) if inode in peers}
+    assert ours and ours <= _socket_inodes(worker.pid)
+    assert not ours & _socket_inodes(pid)
+    job = Queue("default", connection=conn).enqueue_in(timedelta(seconds=1), "testjobs.record")
+    assert worker.expect("busy", timeout=15)["horse"] == spare
+    worker.expect("idle")
+    assert done_ids(conn) == [job.id]
