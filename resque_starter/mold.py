@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -165,8 +166,7 @@ def _double_fork(sock: socket.socket, target: Callable[[], None], close: list[in
             if grandchild == 0:
                 os.close(write_end)
                 sock.close()
-                target()
-                os._exit(0)
+                _run_and_exit(target)
             os.write(write_end, str(grandchild).encode())
         finally:
             os._exit(0)
@@ -179,6 +179,19 @@ def _double_fork(sock: socket.socket, target: Callable[[], None], close: list[in
     return int(data)
 
 
+def _run_and_exit(target: Callable[[], None]) -> NoReturn:
+    """The grandchild's whole life: its exit status tells the supervisor whether target succeeded."""
+    code = 0
+    try:
+        target()
+    except BaseException:
+        log.exception("%s failed", getattr(target, "func", target).__name__)
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
 def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int) -> None:
     from resque_starter.worker import run_worker
 
@@ -188,23 +201,38 @@ def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int) -> None:
 
 
 def _recovery_main(settings: Settings, request: dict[str, object]) -> None:
-    """Put a dead worker's claimed and started jobs back (or fail them) with the app's own classes."""
-    from redis import Redis
+    """Put a dead worker's claimed and started jobs back (or fail them) with the app's own classes.
+
+    A worker often dies *because* Redis went away, so this waits for Redis with backoff (recovery is
+    idempotent, so a retry after a partial run is safe); a stop past its deadline kills it."""
+    import redis
 
     from resque_starter.recovery import recover_worker
+    from resque_starter.worker import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX, redact
 
     logs.set_role("recovery")
     setproctitle(f"resque-starter: recovery {request['worker']}")
     assert settings.redis_url is not None
-    connection = Redis.from_url(settings.redis_url, socket_timeout=30)
-    result = recover_worker(
-        connection,
-        str(request["worker"]),
-        list(request["queues"]),  # type: ignore[call-overload]
-        requeue=bool(request["requeue"]),
-        max_requeues=settings.max_requeues,
-        reason=str(request["reason"]),
-        job_class=settings.job_class,
-        serializer=settings.serializer,
-    )
+    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+    wait = REDIS_BACKOFF_FIRST
+    while True:
+        try:
+            result = recover_worker(
+                connection,
+                str(request["worker"]),
+                list(request["queues"]),  # type: ignore[call-overload]
+                requeue=bool(request["requeue"]),
+                max_requeues=settings.max_requeues,
+                reason=str(request["reason"]),
+                job_class=settings.job_class,
+                serializer=settings.serializer,
+            )
+            break
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning(
+                "recovery of worker %s: Redis at %s not reachable (%s); retrying in %.1fs",
+                request["worker"], redact(settings.redis_url), exc, wait,
+            )  # fmt: skip
+            time.sleep(wait)
+            wait = min(wait * 2, REDIS_BACKOFF_MAX)
     log.info("recovered worker %s: %s", request["worker"], result)

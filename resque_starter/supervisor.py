@@ -553,8 +553,21 @@ class Supervisor:
         for w in self.workers.values():
             if w.stop_level is None or w.stop_level < self.stop_level:
                 self._stop_worker(w, self.stop_level, "shutdown")
+        if not self.workers and self.recoveries and time.monotonic() >= self.stop_deadline:
+            self._abandon_recoveries()
         if not self.workers and not self.recoveries:
             self.exit_code = self._pending_exit or (EXIT_INTERRUPTED if self.interrupted else EXIT_OK)
+
+    def _abandon_recoveries(self) -> None:
+        """A stop is bounded by its deadline even when a recovery still waits for Redis: rq's own
+        maintenance will find those jobs (after its abandoned-job timeout) instead."""
+        for r in self.recoveries.values():
+            log.error("stop deadline passed: gave up recovering the jobs of dead worker %s", r.worker)
+            if r.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(r.pid, signal.SIGKILL)
+        self.recoveries.clear()
+        self.interrupted = True
 
     def _converge_pause(self) -> None:
         for w in self.workers.values():

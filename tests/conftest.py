@@ -34,9 +34,10 @@ def wait_for(
 
 
 class RedisServer:
-    def __init__(self, tmp: str) -> None:
+    def __init__(self, tmp: str, *extra: str) -> None:
         self.port = free_port()
         self.dir = tmp
+        self.extra = extra  # more redis-server options, e.g. "--requirepass", "secret"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,6 +65,7 @@ class RedisServer:
                 "no",
                 "--loglevel",
                 "warning",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -72,6 +74,8 @@ class RedisServer:
         def up() -> bool:
             try:
                 return bool(client.ping())
+            except redis.AuthenticationError:  # up, and --requirepass is among the extra options
+                return True
             except redis.ConnectionError:
                 return False
 

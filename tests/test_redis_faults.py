@@ -1,0 +1,165 @@
+"""Redis faults: restarted mid-run, unreachable at start, slow. The supervisor must ride them out.
+
+Each test runs its own redis-server on a free port (the session's is shared and must stay up).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Queue, Worker
+from rq.job import Job, JobStatus
+
+from conftest import RedisServer, wait_for
+from starter import ROOT, Starter, base_env, registries
+
+SETTLED = (JobStatus.FINISHED, JobStatus.FAILED)
+
+
+@pytest.fixture
+def start(run_dir: str) -> Iterator:  # type: ignore[type-arg]
+    started: list[Starter] = []
+
+    def _start(url: str, **env: str) -> Starter:
+        s = Starter(base_env(url, run_dir, **env))
+        started.append(s)
+        return s
+
+    yield _start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own that keeps its data across a restart (AOF, fsync always)."""
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = RedisServer(str(data), "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    yield server
+    server.stop()
+
+
+def ctl(run_dir: str, *args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "resque_starter", "ctl", "--run-dir", run_dir, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(ROOT),
+    )
+
+
+def enqueue(url: str, n: int, seconds: float) -> list[Job]:
+    q = Queue("default", connection=redis.Redis.from_url(url))
+    return [q.enqueue("testjobs.sleep_then_record", seconds) for _ in range(n)]
+
+
+def settled(jobs: list[Job]) -> bool:
+    return all(j.get_status(refresh=True) in SETTLED for j in jobs)
+
+
+def test_redis_restarted_mid_run_workers_reconnect_and_jobs_resume(start, own_redis: RedisServer) -> None:
+    s = start(own_redis.url)
+    s.wait_workers(2)
+    conn = redis.Redis.from_url(own_redis.url)
+    jobs = enqueue(own_redis.url, 20, 0.2)
+    wait_for(lambda: conn.llen("testjobs:done") >= 2, what="a few jobs to finish")
+    own_redis.stop()
+    wait_for(lambda: "unreachable" in s.log() or "not reachable" in s.log(), what="a worker to notice")
+    s.assert_running()
+    assert s.status()["groups"][0]["size"] == 2, "the supervisor still answers and keeps its slots"
+    own_redis.start()
+    wait_for(lambda: settled(jobs), 60, what="every job enqueued before the restart to settle")
+    later = enqueue(own_redis.url, 5, 0)
+    wait_for(lambda: settled(later), 30, what="jobs enqueued after the restart")
+    assert all(j.get_status() == JobStatus.FINISHED for j in later)
+    for job in jobs:  # a job cut off by the outage may fail, but only with a reason, and never vanish
+        if job.get_status() == JobStatus.FAILED:
+            assert job.latest_result().exc_string, job.id
+    s.wait_workers(2)
+    assert len(Worker.all(connection=conn)) == 2
+    assert registries(conn)["started"] == []
+    s.assert_running()
+
+
+def test_redis_unreachable_at_start_is_logged_retried_with_backoff_then_used(start, tmp_path: Path) -> None:
+    server = RedisServer(str(tmp_path))  # not started yet: nothing listens on its port
+    s = start(server.url)
+    try:
+        wait_for(lambda: "attempt 3" in s.log(), 20, what="three connection attempts")
+        log = s.log()
+        assert f"Redis at {server.url} not reachable (attempt 1" in log
+        waits = [line.rsplit("retrying in ", 1)[1] for line in log.splitlines() if "retrying in" in line]
+        assert "0.5s" in waits and "1.0s" in waits, waits  # exponential backoff
+        assert ctl(s.run_dir, "health", "--live").returncode == 0
+        ready = ctl(s.run_dir, "health", "--ready")
+        assert ready.returncode == 1 and '"redis": false' in ready.stdout, ready
+        s.assert_running()
+        server.start()
+        s.wait_workers(2, timeout=40)
+        assert ctl(s.run_dir, "health", "--ready").returncode == 0
+        jobs = enqueue(server.url, 3, 0)
+        wait_for(lambda: settled(jobs), 20, what="jobs once Redis is up")
+        assert all(j.get_status() == JobStatus.FINISHED for j in jobs)
+    finally:
+        server.stop()
+
+
+def test_a_redis_that_stops_answering_does_not_wedge_signal_handling(start, tmp_path: Path) -> None:
+    server = RedisServer(str(tmp_path), "--enable-debug-command", "yes")
+    server.start()
+    try:
+        s = start(server.url)
+        s.wait_workers(2)
+        sleeper = threading.Thread(
+            target=lambda: redis.Redis.from_url(server.url, socket_timeout=30).execute_command(
+                "DEBUG", "SLEEP", 6
+            )
+        )
+        sleeper.start()
+        began = time.monotonic()
+        wait_for(lambda: not _answers(server.url), what="redis to stop answering")
+        ready = ctl(s.run_dir, "health", "--ready", timeout=5)
+        assert ready.returncode == 1 and '"redis": false' in ready.stdout, ready
+        s.signal(signal.SIGTTIN)
+        wait_for(lambda: s.status()["groups"][0]["size"] == 3, 1.0, what="TTIN handled at once")
+        s.signal(signal.SIGQUIT)
+        wait_for(lambda: s.status()["stopping"] == "graceful", 1.0, what="QUIT handled at once")
+        assert time.monotonic() - began < 5, "all of that happened while redis slept"
+        assert s.wait_exit(30) == 0
+        sleeper.join()
+    finally:
+        server.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.2).ping())
+    except redis.RedisError:
+        return False
+
+
+def test_a_stop_while_redis_is_down_is_bounded_by_its_deadline(start, own_redis: RedisServer) -> None:
+    """A dead worker's recovery waits for Redis, but not past the stop's deadline."""
+    s = start(own_redis.url, RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_DRAIN_TIMEOUT="2")
+    (worker,) = s.wait_workers(1)
+    conn = redis.Redis.from_url(own_redis.url)
+    enqueue(own_redis.url, 1, 30)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="the job to start")
+    own_redis.stop()
+    os.kill(worker["pid"], signal.SIGKILL)
+    wait_for(lambda: "recovery of worker" in s.log() and "not reachable" in s.log(), what="recovery to wait")
+    s.signal(signal.SIGQUIT)
+    assert s.wait_exit(15) == 1
+    assert f"gave up recovering the jobs of dead worker {worker['name']}" in s.log()
