@@ -14,7 +14,6 @@ failure can be replayed with `python bench/soak.py --seed N` (or the test id).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -37,6 +36,7 @@ from starter import Starter, base_env, cmdline, descendants, process_state
 TAG = "chaos"
 STARTED_KEY, DONE_KEY = f"testjobs:{TAG}:started", f"testjobs:{TAG}"
 MIN_VICTIM_UPTIME = 6.0  # older than the supervisor's MIN_UPTIME: a kill is then not a crash at start
+YOUNG_KILLS = 2  # kills of young workers in a row per slot, well below the supervisor's CRASH_LIMIT
 ZOMBIE_GRACE = 1.0  # a zombie is normal for the instant between exit and reap; one that lasts is a leak
 SAMPLE_INTERVAL = 0.05
 RETRY_MAX = 1
@@ -81,6 +81,7 @@ class Storm:
     target: int
     events: list[str] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
+    young_kills: Counter[int] = field(default_factory=Counter)  # per slot, in a row
     t0: float = field(default_factory=time.monotonic)
 
     def note(self, what: str) -> None:
@@ -210,14 +211,14 @@ def enqueue(conn: redis.Redis, plan: Plan, rng: random.Random) -> list[str]:
 def blow(starter: Starter, storm: Storm, rng: random.Random) -> None:
     """Random events at random short intervals until storm_seconds have passed."""
     actions: list[tuple[Callable[[Starter, Storm, random.Random], str], float]] = [
-        (ttin, 2),
-        (ttou, 2),
-        (scale, 1),
+        (ttin, 1.5),
+        (ttou, 1.5),
+        (scale, 0.5),
         (usr1, 1),
-        (usr2, 1),
-        (cont, 3),
-        (hup, 0.5),
-        (kill_worker, 2),
+        (usr2, 0.5),
+        (cont, 1.5),
+        (hup, 0.3),
+        (kill_worker, 3),
         (kill_horse, 3),
     ]
     functions, weights = zip(*actions, strict=True)
@@ -285,27 +286,42 @@ def hup(starter: Starter, storm: Storm, rng: random.Random) -> str:
 
 
 def kill_worker(starter: Starter, storm: Storm, rng: random.Random) -> str:
-    """SIGKILL a worker that has run long enough that its death is not a crash at start."""
-    workers = [w for w in starter.status()["workers"] if w["pid"] and w["uptime"] >= MIN_VICTIM_UPTIME]
+    """SIGKILL a worker, a busy one when there is one. A worker killed young counts as a crash at
+    start, and CRASH_LIMIT of those in a row in one slot rightly end the supervisor (exit 4), so a
+    slot gets at most YOUNG_KILLS of them in a row."""
+    workers = [
+        w
+        for w in starter.status()["workers"]
+        if w["pid"] and (w["uptime"] >= MIN_VICTIM_UPTIME or storm.young_kills[w["slot"]] < YOUNG_KILLS)
+    ]
     if not workers:
-        return "SIGKILL worker: none old enough"
-    victim = rng.choice(workers)
-    return _kill(victim["pid"], "worker[", f"worker[{victim['slot']}] gen={victim['generation']}")
+        return "SIGKILL worker: none to kill"
+    victim = rng.choice([w for w in workers if w["state"] == "busy"] or workers)
+    label = f"{victim['state']} worker[{victim['slot']}] up {victim['uptime']:.1f}s"
+    text = _kill(storm, victim["pid"], "worker[", label)
+    if victim["uptime"] >= MIN_VICTIM_UPTIME:
+        storm.young_kills[victim["slot"]] = 0
+    else:
+        storm.young_kills[victim["slot"]] += 1
+    return text
 
 
 def kill_horse(starter: Starter, storm: Storm, rng: random.Random) -> str:
     horses = [p for p in descendants(starter.pid) if " horse job=" in cmdline(p)]
     if not horses:
         return "SIGKILL horse: none running"
-    return _kill(rng.choice(horses), " horse job=", "horse")
+    return _kill(storm, rng.choice(horses), " horse job=", "horse")
 
 
-def _kill(pid: int, title: str, label: str) -> str:
+def _kill(storm: Storm, pid: int, title: str, label: str) -> str:
     """SIGKILL pid if it still is what we think it is (a recycled pid must not be shot)."""
     if title not in cmdline(pid):
         return f"SIGKILL {label} pid {pid}: already gone"
-    with contextlib.suppress(ProcessLookupError):
+    try:
         os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return f"SIGKILL {label} pid {pid}: already gone"
+    storm.counts[f"killed {label.split()[0]}"] += 1
     return f"SIGKILL {label} pid {pid}"
 
 
@@ -407,8 +423,8 @@ def check_jobs(conn: redis.Redis, plan: Plan, storm: Storm, job_ids: list[str]) 
             problems.append(f"{job_id} ({job.args}): {problem}")
         outcomes[job.get_status(refresh=False) or "?"] += 1
         outcomes["requeued"] += bool(job.meta.get(REQUEUES_META_KEY))
-    explained = storm.counts["usr1"] * storm.plan.max_workers + storm.counts["kill_worker"]
-    explained += storm.counts["kill_horse"]
+    explained = storm.counts["usr1"] * storm.plan.max_workers + storm.counts["killed busy"]
+    explained += storm.counts["killed horse"]
     if outcomes[JobStatus.FAILED] > explained:
         problems.append(f"{outcomes[JobStatus.FAILED]} failures but the storm explains at most {explained}")
     _check(
