@@ -28,6 +28,7 @@ log = logging.getLogger("resque_starter.control")
 
 SOCKET_NAME = "control.sock"
 MAX_CLIENTS = 32  # connections a server holds at once (see accept_pending)
+MAX_SCALE = 1024  # workers per group by `ctl scale`: a typo must not fork-bomb the container
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -68,10 +69,15 @@ class ControlServer:
             return
         except OSError:
             data = b""
+        buffer = self._clients[conn]
         if not data:
-            self._drop(conn)
+            if buffer.partial:  # the client half-closed in the middle of its request line
+                self._reply(conn, {"ok": False, "error": "bad request: end of stream before a newline"})
+            else:
+                self._drop(conn)
             return
-        messages = self._clients[conn].feed(data)
+        end = data.find(b"\n")  # one request per connection: what follows its line is never parsed
+        messages = buffer.feed(data if end < 0 else data[: end + 1])
         if not messages:
             return
         request = messages[0]
@@ -83,6 +89,9 @@ class ControlServer:
             except Exception as exc:  # a bad request must never take the supervisor down
                 log.exception("control request %r failed", request)
                 reply = {"ok": False, "error": f"internal error: {exc}"}
+        self._reply(conn, reply)
+
+    def _reply(self, conn: socket.socket, reply: dict[str, Any]) -> None:
         conn.settimeout(1.0)
         with contextlib.suppress(OSError):
             conn.sendall(protocol.encode(reply))
@@ -208,6 +217,8 @@ def scale(sup: Supervisor, n: object, group: object) -> dict[str, Any]:
     size = sup.sizes[index] + value if text[:1] in "+-" else value
     if size < 0:
         return {"ok": False, "error": f"scale {text} would make {size} workers; the least is 0"}
+    if size > MAX_SCALE:
+        return {"ok": False, "error": f"scale {text} would make {size} workers; the most is {MAX_SCALE}"}
     if sup.stop_level is not None:
         return {"ok": False, "error": "the supervisor is stopping"}
     sup.scale(index, size)

@@ -26,7 +26,7 @@ from typing import NoReturn
 from setproctitle import setproctitle
 
 from resque_starter import logs, protocol
-from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings, check_classes
+from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings, check_classes, mask_url
 from resque_starter.protocol import WorkerSpec
 
 log = logging.getLogger("resque_starter.mold")
@@ -83,7 +83,7 @@ def _preload(settings: Settings) -> tuple[int, str] | None:
     """Import the app and the configured classes, run the mold's hooks; (exit code, one line) on failure."""
     for module in settings.app:
         try:
-            importlib.import_module(module)
+            imported = importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name is not None and module.startswith(exc.name) and _is_prefix(exc.name, module):
                 return EXIT_CONFIG, (
@@ -93,6 +93,12 @@ def _preload(settings: Settings) -> tuple[int, str] | None:
             return _app_failure(f"importing {module}")
         except BaseException:
             return _app_failure(f"importing {module}")
+        if getattr(imported, "__file__", None) is None and hasattr(imported, "__path__"):
+            where = ", ".join(dict.fromkeys(imported.__path__))
+            return EXIT_CONFIG, (
+                f"RESQUE_STARTER_APP={module!r} is not allowed: {where} is a directory without "
+                f"__init__.py, with no code to preload (an importable module is required)"
+            )
     error = check_classes(settings)
     if error is not None:
         return EXIT_CONFIG, error
@@ -208,7 +214,7 @@ def _recovery_main(settings: Settings, request: dict[str, object]) -> None:
     import redis
 
     from resque_starter.recovery import recover_worker
-    from resque_starter.worker import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX, redact
+    from resque_starter.worker import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX
 
     logs.set_role("recovery")
     setproctitle(f"resque-starter: recovery {request['worker']}")
@@ -231,7 +237,7 @@ def _recovery_main(settings: Settings, request: dict[str, object]) -> None:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning(
                 "recovery of worker %s: Redis at %s not reachable (%s); retrying in %.1fs",
-                request["worker"], redact(settings.redis_url), exc, wait,
+                request["worker"], mask_url(settings.redis_url), exc, wait,
             )  # fmt: skip
             time.sleep(wait)
             wait = min(wait * 2, REDIS_BACKOFF_MAX)

@@ -52,16 +52,19 @@ class LineBuffer:
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add bytes; return (and consume) every message now complete."""
-        self._buf += data
-        while b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
-            self._pending.append(parse(line))
+        *lines, self._buf = (self._buf + data).split(b"\n")  # one split: linear in the input
+        self._pending.extend(parse(line) for line in lines)
         if len(self._buf) > MAX_LINE:
             self._buf = b""
             self._pending.append({"error": f"message longer than {MAX_LINE} bytes"})
         messages = list(self._pending)
         self._pending.clear()
         return messages
+
+    @property
+    def partial(self) -> bool:
+        """Bytes of an unfinished line are waiting for their newline."""
+        return bool(self._buf)
 
     def recv(self, sock: socket.socket) -> dict[str, Any] | None:
         """Block until one whole message arrives; None at end of stream."""
@@ -76,7 +79,7 @@ class LineBuffer:
 def parse(line: bytes) -> dict[str, Any]:
     try:
         message = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         return {"error": "not a JSON object"}
     if not isinstance(message, dict):
         return {"error": "not a JSON object"}

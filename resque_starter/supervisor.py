@@ -154,6 +154,7 @@ class Supervisor:
         self._redis: embedded_redis.EmbeddedRedis | None = None
         self._control: control.ControlServer | None = None
         self._metrics: metrics.MetricsServer | None = None
+        self._pid_file_written: str | None = None
         self._name_prefix = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(2).hex()}"
 
     # ----------------------------------------------------------------- lifecycle
@@ -172,6 +173,7 @@ class Supervisor:
             self._abort_children()
             self.exit_code = EXIT_CONFIG
         finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)  # the outcome is decided; keep late signals out
             self._cleanup()
         return self.exit_code if self.exit_code is not None else EXIT_INTERRUPTED
 
@@ -187,7 +189,7 @@ class Supervisor:
         for sig in HANDLED:
             signal.signal(sig, self._on_signal)
         self._selector.register(read_end, selectors.EVENT_READ, self._drain_wakeup)
-        os.makedirs(self.settings.run_dir, mode=0o700, exist_ok=True)
+        self._make_run_dir()
         self._write_pid_file()
         if self.settings.redis_url is None:
             self._redis = embedded_redis.start(self.settings.run_dir)
@@ -919,6 +921,14 @@ class Supervisor:
             f"app={','.join(self.settings.app) or '-'}"
         )
 
+    def _make_run_dir(self) -> None:
+        path = self.settings.run_dir
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            why = "it is not a directory" if isinstance(exc, FileExistsError) else exc.strerror
+            raise ConfigError("RESQUE_STARTER_RUN_DIR", path, f"a writable directory ({why})") from None
+
     def _write_pid_file(self) -> None:
         path = self.settings.pid_file
         if not path:
@@ -929,10 +939,13 @@ class Supervisor:
                 f.write(f"{os.getpid()}\n")
             os.replace(tmp, path)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise ConfigError("RESQUE_STARTER_PID_FILE", path, f"a writable path ({exc.strerror})") from None
+        self._pid_file_written = path
 
     def _remove_pid_file(self) -> None:
-        path = self.settings.pid_file
+        path = self._pid_file_written
         if not path:
             return
         try:
