@@ -564,7 +564,8 @@ def _parse(var: _Var, raw: _Raw) -> Any:
     try:
         return var.parse(raw.value)
     except _Invalid as e:
-        raise ConfigError(raw.label, raw.value, str(e)) from None
+        shown = mask_url(raw.value) if var.field == "redis_url" and isinstance(raw.value, str) else raw.value
+        raise ConfigError(raw.label, shown, str(e)) from None
 
 
 def _groups_of(values: dict[str, Any], raws: Mapping[str, _Raw | None]) -> tuple[Group, ...]:
