@@ -23,6 +23,8 @@ from conftest import RedisServer  # noqa: E402
 from storm import ChaosFailure, Plan, run_round  # noqa: E402
 
 WORKER_CLASSES = ("rq.Worker", "rq.SimpleWorker")
+# Round n runs VARIANTS[seed % 3] unless --worker-class / --prefork-horse say otherwise.
+VARIANTS = (("rq.Worker", False), ("rq.SimpleWorker", False), ("rq.Worker", True))
 
 
 def main() -> int:
@@ -35,8 +37,9 @@ def main() -> int:
     parser.add_argument("--storm", type=float, default=60.0, help="seconds of storm per round")
     parser.add_argument("--max-workers", type=int, default=8)
     parser.add_argument(
-        "--worker-class", choices=WORKER_CLASSES, default=None, help="default: alternate per round"
+        "--worker-class", choices=WORKER_CLASSES, default=None, help="default: vary per round"
     )
+    parser.add_argument("--prefork-horse", action="store_true", default=None, help="default: vary per round")
     args = parser.parse_args()
     first = args.seed if args.seed is not None else random.randrange(10**6)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
@@ -45,12 +48,16 @@ def main() -> int:
         try:
             for n in range(args.rounds):
                 seed = first + n
+                worker_class, prefork = VARIANTS[seed % len(VARIANTS)]
+                if args.worker_class is not None or args.prefork_horse is not None:
+                    worker_class, prefork = args.worker_class or "rq.Worker", bool(args.prefork_horse)
                 plan = Plan(
                     seed,
                     jobs=args.jobs,
                     storm_seconds=args.storm,
                     max_workers=args.max_workers,
-                    worker_class=args.worker_class or WORKER_CLASSES[seed % 2],
+                    worker_class=worker_class,
+                    prefork_horse=prefork,
                     drain_timeout=max(120.0, args.jobs / 10),
                 )
                 run_dir = Path(tmp) / f"run-{seed}"

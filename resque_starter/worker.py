@@ -415,7 +415,7 @@ class StarterMixin:
         while self._controls.paused and not self._controls.stop:
             self._heartbeat_if_due()
             self._recycle_if_due()
-            self._controls.wait(self.dequeue_timeout)
+            self._controls.wait(CLAIM_POLL_SECONDS)  # a signal ends it at once; the rest is polled
         if not self._controls.paused:
             self.log.info("Worker %s: resumed", self.name)
             self._context.send({"event": "resumed"})
@@ -696,6 +696,29 @@ class PreforkHorseMixin(StarterMixin):
     @property
     def _measures_memory(self) -> bool:
         return self._context.settings.max_memory is not None
+
+    def _heartbeat_if_due(self) -> None:
+        """Polled about every second while idle or paused: also the moment to reap a dead spare."""
+        super()._heartbeat_if_due()
+        self._reap_dead_spare()
+
+    def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
+        """Polled every job_monitoring_interval while a job runs."""
+        super().maintain_heartbeats(job, execution)
+        self._reap_dead_spare()
+
+    def _reap_dead_spare(self) -> None:
+        """A spare that died waiting (killed, or failed to start) is reaped now, not at the next job,
+        which may be hours away: no zombie stays. The next job's hand-off forks a new one."""
+        spare = self._spare
+        if spare is None:
+            return
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(spare.pid, os.WNOHANG)[0] == 0:
+                return
+        self.log.warning("Worker %s: pre-forked horse %s died waiting for a job", self.name, spare.pid)
+        spare.close()
+        self._spare = None
 
     def _start_horse(self, job: Job, queue: Queue) -> None:
         execution = self.execution  # type: ignore[attr-defined]

@@ -149,6 +149,18 @@ def test_a_horse_that_died_idle_is_replaced(start: Start, conn: redis.Redis) -> 
     assert process_state(spare) is None, "the dead one was reaped"
 
 
+@pytest.mark.parametrize("paused", [False, True], ids=["idle", "paused"])
+def test_a_horse_that_died_idle_is_reaped_before_any_job_comes(start: Start, paused: bool) -> None:
+    """The next job may be hours away: a dead spare is no zombie for that long (found by the chaos test)."""
+    worker = start(worker_class=PREFORK, spec=new_spec(paused=paused))
+    worker.expect("ready")
+    if paused:
+        worker.expect("paused")
+    spare = one_spare(worker)
+    os.kill(spare, signal.SIGKILL)
+    wait_for(lambda: process_state(spare) is None, 5, what="the dead spare to be reaped")
+
+
 @FORKING
 def test_job_timeout_kills_the_job_and_the_worker_goes_on(
     start: Start, conn: redis.Redis, worker_class: str

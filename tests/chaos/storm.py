@@ -37,8 +37,11 @@ TAG = "chaos"
 STARTED_KEY, DONE_KEY = f"testjobs:{TAG}:started", f"testjobs:{TAG}"
 MIN_VICTIM_UPTIME = 6.0  # older than the supervisor's MIN_UPTIME: a kill is then not a crash at start
 YOUNG_KILLS = 2  # kills of young workers in a row per slot, well below the supervisor's CRASH_LIMIT
-ZOMBIE_GRACE = 1.0  # a zombie is normal for the instant between exit and reap; one that lasts is a leak
+# A zombie is normal between a child's exit and its reaping: an instant for the supervisor (SIGCHLD), up
+# to a poll (about a second) for a worker's pre-forked horse. One that outlives this is a leak.
+ZOMBIE_GRACE = 3.0
 SAMPLE_INTERVAL = 0.05
+HORSE = " horse "  # in the title of a running horse ("horse job=...") and of a pre-forked one
 RETRY_MAX = 1
 
 # Why a job may legitimately fail in a storm: each names the event that caused it.
@@ -60,6 +63,7 @@ class Plan:
     max_workers: int = 6
     queues: tuple[str, ...] = ("high", "default")
     worker_class: str = "rq.Worker"
+    prefork_horse: bool = False
     slow_share: float = 0.05  # jobs of 0.2-0.5 s, so stops and kills find jobs running
     retry_share: float = 0.1  # jobs with an rq Retry, which a kill must honour
     converge_timeout: float = 40.0
@@ -69,7 +73,8 @@ class Plan:
     def replay(self) -> str:
         return (
             f"chaos seed={self.seed} (replay: python bench/soak.py --seed {self.seed} --jobs {self.jobs} "
-            f"--storm {self.storm_seconds:g} --worker-class {self.worker_class})"
+            f"--storm {self.storm_seconds:g} --worker-class {self.worker_class}"
+            f"{' --prefork-horse' if self.prefork_horse else ''})"
         )
 
 
@@ -153,6 +158,7 @@ def run_round(plan: Plan, redis_url: str, run_dir: str, out: Callable[[str], Non
         RESQUE_STARTER_QUEUES=",".join(plan.queues),
         RESQUE_STARTER_WORKER_CLASS=plan.worker_class,
         RESQUE_STARTER_LOG_LEVEL="INFO",
+        RESQUE_STARTER_PREFORK_HORSE=str(plan.prefork_horse).lower(),
     )
     storm = Storm(plan, plan.concurrency)
     starter = Starter(env)
@@ -307,10 +313,10 @@ def kill_worker(starter: Starter, storm: Storm, rng: random.Random) -> str:
 
 
 def kill_horse(starter: Starter, storm: Storm, rng: random.Random) -> str:
-    horses = [p for p in descendants(starter.pid) if " horse job=" in cmdline(p)]
+    horses = [p for p in descendants(starter.pid) if HORSE in cmdline(p)]
     if not horses:
         return "SIGKILL horse: none running"
-    return _kill(storm, rng.choice(horses), " horse job=", "horse")
+    return _kill(storm, rng.choice(horses), HORSE, "horse")
 
 
 def _kill(storm: Storm, pid: int, title: str, label: str) -> str:
@@ -335,7 +341,7 @@ def converge(starter: Starter, storm: Storm) -> None:
         status = starter.status()
         workers = status["workers"]
         processes = [p for p in descendants(starter.pid) if "resque-starter: worker[" in cmdline(p)]
-        horses = [p for p in processes if " horse job=" in cmdline(p)]
+        horses = [p for p in processes if HORSE in cmdline(p)]
         seen = (status["groups"][0]["size"], len(workers), len(processes) - len(horses))
         if (
             seen == (storm.target,) * 3

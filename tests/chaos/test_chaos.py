@@ -9,14 +9,20 @@ import pytest
 
 from storm import Plan, run_round
 
-# (seed, worker class): different storms, and both ways of running a job (a forked horse, or inline).
-ROUNDS = [(1, "rq.Worker"), (2, "rq.Worker"), (3, "rq.SimpleWorker")]
+# (seed, worker class, pre-forked horse): different storms, and each way of running a job: a horse forked
+# per job, one forked ahead while waiting, or inline.
+ROUNDS = [(1, "rq.Worker", False), (2, "rq.Worker", True), (3, "rq.SimpleWorker", False)]
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize(("seed", "worker_class"), ROUNDS, ids=[f"seed-{s}-{c}" for s, c in ROUNDS])
+@pytest.mark.parametrize(
+    ("seed", "worker_class", "prefork"),
+    ROUNDS,
+    ids=[f"seed-{s}-{c}{'-prefork' if p else ''}" for s, c, p in ROUNDS],
+)
 def test_nothing_is_lost_in_a_storm_of_signals_and_kills(
-    seed: int, worker_class: str, redis_url: str, run_dir: str, conn
+    seed: int, worker_class: str, prefork: bool, redis_url: str, run_dir: str, conn
 ) -> None:  # type: ignore[no-untyped-def]
-    storm = run_round(Plan(seed, worker_class=worker_class), redis_url, run_dir)
+    plan = Plan(seed, worker_class=worker_class, prefork_horse=prefork)
+    storm = run_round(plan, redis_url, run_dir)
     assert sum(storm.counts.values()) > 10, "the storm did something"
