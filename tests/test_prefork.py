@@ -141,6 +141,7 @@ def test_a_horse_that_died_idle_is_replaced(start: Start, conn: redis.Redis) -> 
     worker.expect("ready")
     spare = one_spare(worker)
     os.kill(spare, signal.SIGKILL)
+    wait_for(lambda: gone(spare), what="the spare to die")  # a kill is not instant: the job must not race it
     job = Queue("default", connection=conn).enqueue("testjobs.record")
     horse = worker.expect("busy")["horse"]
     assert horse not in (spare, worker.pid)
