@@ -15,11 +15,12 @@ import pwd
 import selectors
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from resque_starter import procmem, protocol
 from resque_starter.config import ConfigError
+from resque_starter.listener import Listener
 
 if TYPE_CHECKING:
     from resque_starter.supervisor import Supervisor
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("resque_starter.control")
 
 SOCKET_NAME = "control.sock"
-MAX_CLIENTS = 32  # connections a server holds at once (see accept_pending)
 MAX_SCALE = 1024  # workers per group by `ctl scale`: a typo must not fork-bomb the container
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -36,12 +36,11 @@ def socket_path(run_dir: str) -> str:
     return os.path.join(run_dir, SOCKET_NAME)
 
 
-class ControlServer:
+class ControlServer(Listener[protocol.LineBuffer]):
     def __init__(self, run_dir: str, selector: selectors.BaseSelector, handler: Handler) -> None:
+        super().__init__(selector)
         self.path = socket_path(run_dir)
-        self._selector = selector
         self._handler = handler
-        self._clients: dict[socket.socket, protocol.LineBuffer] = {}
         _remove_stale(self.path, run_dir)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
@@ -53,16 +52,12 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
-        self.sock.listen(64)
-        self.sock.setblocking(False)
-        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+        self.listen()
 
-    def _accept(self, sock: socket.socket) -> None:
-        for conn in accept_pending(sock, self._clients, self._drop):
-            self._clients[conn] = protocol.LineBuffer()
-            self._selector.register(conn, selectors.EVENT_READ, self._read)
+    def new_client(self) -> protocol.LineBuffer:
+        return protocol.LineBuffer()
 
-    def _read(self, conn: socket.socket) -> None:
+    def read(self, conn: socket.socket) -> None:
         try:
             data = conn.recv(65536)
         except BlockingIOError:
@@ -74,7 +69,7 @@ class ControlServer:
             if buffer.partial:  # the client half-closed in the middle of its request line
                 self._reply(conn, {"ok": False, "error": "bad request: end of stream before a newline"})
             else:
-                self._drop(conn)
+                self.drop(conn)
             return
         end = data.find(b"\n")  # one request per connection: what follows its line is never parsed
         messages = buffer.feed(data if end < 0 else data[: end + 1])
@@ -96,63 +91,12 @@ class ControlServer:
         with contextlib.suppress(OSError):
             conn.sendall(protocol.encode(reply))
         conn.setblocking(False)
-        linger(self._selector, conn, self._drop)
-
-    def _drop(self, conn: socket.socket) -> None:
-        self._selector.unregister(conn)
-        del self._clients[conn]
-        conn.close()
-
-    def close_in_child(self) -> None:
-        self.sock.close()
-        for conn in self._clients:
-            conn.close()
+        self.linger(conn)
 
     def close(self) -> None:
-        for conn in list(self._clients):
-            self._drop(conn)
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(self.sock)
-        self.sock.close()
+        super().close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-
-def accept_pending(
-    sock: socket.socket, clients: Mapping[socket.socket, object], drop: Callable[[socket.socket], None]
-) -> Iterator[socket.socket]:
-    """Every connection waiting on a listening socket, non-blocking, so a burst cannot fill the backlog.
-    Past MAX_CLIENTS held connections the oldest is dropped: idle clients cannot use up the fds."""
-    while True:
-        try:
-            conn, _ = sock.accept()
-        except OSError:  # none left, or out of fds: the next wakeup tries again
-            return
-        if len(clients) >= MAX_CLIENTS:
-            drop(next(iter(clients)))
-        conn.setblocking(False)
-        yield conn
-
-
-def linger(
-    selector: selectors.BaseSelector, conn: socket.socket, drop: Callable[[socket.socket], None]
-) -> None:
-    """After the reply: half-close, and discard what the client still sends until it closes. Closing
-    with unread input (an oversized request) would reset the connection and could lose the reply."""
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_WR)
-
-    def discard(conn: socket.socket) -> None:
-        try:
-            if conn.recv(65536):
-                return
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        drop(conn)
-
-    selector.modify(conn, selectors.EVENT_READ, discard)
 
 
 def _remove_stale(path: str, run_dir: str) -> None:

@@ -2,13 +2,12 @@
 
 It runs inside the supervisor's selector loop, not in a thread: the supervisor forks molds, and a
 thread holding a lock at fork time can deadlock the child. Every socket is non-blocking, a request
-is bounded, and few connections are held (control.accept_pending), so no client can stall the loop
+is bounded, and few connections are held (listener.Listener), so no client can stall the loop
 or use up its file descriptors. prometheus-client is the optional extra `metrics`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import selectors
 import socket
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from resque_starter import control
 from resque_starter.config import ConfigError
+from resque_starter.listener import Listener
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -43,35 +43,30 @@ class _Client:
     reply: bytes = b""
 
 
-class MetricsServer:
+class MetricsServer(Listener[_Client]):
     def __init__(self, port: int, selector: selectors.BaseSelector, sup: Supervisor) -> None:
         try:
             from prometheus_client import CollectorRegistry
         except ImportError:
             allowed = "set only with prometheus-client installed: pip install 'resque-starter[metrics]'"
             raise ConfigError("RESQUE_STARTER_METRICS_PORT", port, allowed) from None
+        super().__init__(selector)
         self._sup = sup
-        self._selector = selector
-        self._clients: dict[socket.socket, _Client] = {}
         self._registry = CollectorRegistry()
         self._registry.register(_Collector(sup))
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.sock.bind((BIND_ADDRESS, port))
-            self.sock.listen(64)
         except OSError as exc:
             self.sock.close()
             raise ConfigError("RESQUE_STARTER_METRICS_PORT", port, f"a free port ({exc.strerror})") from None
-        self.sock.setblocking(False)
-        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+        self.listen()
 
-    def _accept(self, sock: socket.socket) -> None:
-        for conn in control.accept_pending(sock, self._clients, self._drop):
-            self._clients[conn] = _Client()
-            self._selector.register(conn, selectors.EVENT_READ, self._read)
+    def new_client(self) -> _Client:
+        return _Client()
 
-    def _read(self, conn: socket.socket) -> None:
+    def read(self, conn: socket.socket) -> None:
         client = self._clients[conn]
         try:
             data = conn.recv(MAX_REQUEST)
@@ -80,7 +75,7 @@ class MetricsServer:
         except OSError:
             data = b""
         if not data:
-            self._drop(conn)
+            self.drop(conn)
             return
         client.request += data
         if b"\r\n\r\n" in client.request or b"\n\n" in client.request:
@@ -102,7 +97,7 @@ class MetricsServer:
             sent = len(client.reply)
         client.reply = client.reply[sent:]
         if not client.reply:
-            control.linger(self._selector, conn, self._drop)
+            self.linger(conn)
 
     def _respond(self, request: bytes) -> bytes:
         """One whole HTTP response (status line, headers, body) for one request."""
@@ -123,23 +118,6 @@ class MetricsServer:
 
             return 200, (TEXT_FORMAT, generate_latest(self._registry))
         return 404, _error("not found; try /healthz, /readyz or /metrics")
-
-    def _drop(self, conn: socket.socket) -> None:
-        self._selector.unregister(conn)
-        del self._clients[conn]
-        conn.close()
-
-    def close_in_child(self) -> None:
-        self.sock.close()
-        for conn in self._clients:
-            conn.close()
-
-    def close(self) -> None:
-        for conn in list(self._clients):
-            self._drop(conn)
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(self.sock)
-        self.sock.close()
 
 
 def _json(value: dict[str, Any]) -> tuple[str, bytes]:
