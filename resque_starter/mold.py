@@ -25,7 +25,7 @@ from typing import NoReturn
 
 from setproctitle import setproctitle
 
-from resque_starter import logs, protocol
+from resque_starter import logs, orphans, protocol
 from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings, check_classes, mask_url
 from resque_starter.protocol import WorkerSpec
 
@@ -135,6 +135,7 @@ def _app_failure(what: str) -> tuple[int, str]:
 
 def _serve(settings: Settings, sock: socket.socket) -> None:
     """Answer fork requests in order; each passed file descriptor belongs to the next spawn request."""
+    supervisor = os.getppid()
     buffer = protocol.LineBuffer()
     fds: deque[int] = deque()
     messages: deque[dict[str, object]] = deque()
@@ -152,7 +153,8 @@ def _serve(settings: Settings, sock: socket.socket) -> None:
         if op == "spawn":
             spec = WorkerSpec(**message["spec"])  # type: ignore[arg-type]
             status_fd = fds.popleft()
-            pid = _double_fork(sock, partial(_worker_main, settings, spec, status_fd), close=[status_fd])
+            worker = partial(_worker_main, settings, spec, status_fd, supervisor)
+            pid = _double_fork(sock, worker, close=[status_fd])
             protocol.send(sock, {"op": "forked", "token": spec.name, "pid": pid})
         elif op == "recover":
             pid = _double_fork(sock, partial(_recovery_main, settings, message))
@@ -198,8 +200,13 @@ def _run_and_exit(target: Callable[[], None]) -> NoReturn:
         os._exit(code)
 
 
-def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int) -> None:
+def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int, supervisor: int) -> None:
     from resque_starter.worker import run_worker
+
+    if orphans.await_adoption(supervisor):
+        # outside a PID namespace nothing else would stop a worker whose supervisor was SIGKILLed:
+        # a quick stop puts its job back at the front of its queue and it exits
+        orphans.die_with_parent(supervisor, signal.SIGINT)
 
     group = settings.groups[spec.group]
     logs.set_role(f"worker[{group.name}:{spec.slot}]" if len(settings.groups) > 1 else f"worker[{spec.slot}]")

@@ -14,7 +14,6 @@ of the horse can ever hit the worker), and dies with its worker: SIGKILL by PR_S
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import queue
@@ -25,24 +24,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from resque_starter import orphans
+
 log = logging.getLogger("resque_starter.prefork")
 
-PR_SET_PDEATHSIG = 1
 DONE = b"done"
 MAX_MESSAGE = 65536  # a job id, an execution id and a queue name; rq does not bound their length
-_libc = ctypes.CDLL(None, use_errno=True)
 
 OnStart = Callable[[], None]
 OnJob = Callable[[bytes, Callable[[], None]], None]
-
-
-def die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when `parent` dies; if it already has, exit now."""
-    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
-    if os.getppid() != parent:  # it died before the prctl: we were already reparented
-        os._exit(0)
 
 
 @dataclass
@@ -113,7 +103,7 @@ def _serve(parent: int, sock: socket.socket, on_start: OnStart, on_job: OnJob) -
     code = 1
     try:
         os.setpgrp()
-        die_with_parent(parent)
+        orphans.die_with_parent(parent)
         on_start()
         message = sock.recv(MAX_MESSAGE)
         if message:

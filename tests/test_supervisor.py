@@ -265,3 +265,21 @@ def test_json_logs_are_one_object_a_line_with_the_role(start, conn) -> None:
     entries = [json.loads(line) for line in s.log().splitlines() if line.strip()]
     assert {e["role"] for e in entries} >= {"supervisor", "worker[0]"}
     assert all({"ts", "level", "pid", "msg"} <= e.keys() for e in entries)
+
+
+def test_workers_do_not_outlive_a_supervisor_killed_by_sigkill(start, conn) -> None:
+    """Outside a PID namespace nothing else would stop them: they quick-stop, their job goes back."""
+    s = start(RESQUE_STARTER_CONCURRENCY="2")
+    workers = s.wait_workers(2)
+    mold = s.status()["molds"][0]["pid"]
+    job = enqueue(conn, "testjobs.sleep_then_record", 60)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    s.signal(signal.SIGKILL)
+    s.wait_exit(10)
+
+    def gone(pid: int) -> bool:
+        return process_state(pid) in (None, "Z")
+
+    wait_for(lambda: all(gone(w["pid"]) for w in workers) and gone(mold), 15, what="workers and mold to exit")
+    wait_for(lambda: registries(conn)["queued"] == [job.id], what="the interrupted job back in its queue")
+    assert registries(conn)["started"] == []
