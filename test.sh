@@ -5,9 +5,13 @@ cd "$(dirname "$0")"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v redis-server >/dev/null || ! command -v tini >/dev/null || ! command -v unshare >/dev/null; then
+packages="redis-server tini util-linux"
+python3 -c 'import ensurepip' 2>/dev/null || packages="$packages python3-venv"  # Debian splits venv out
+if ! command -v redis-server >/dev/null || ! command -v tini >/dev/null || ! command -v unshare >/dev/null \
+   || [[ $packages == *python3-venv* ]]; then
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server tini util-linux >/dev/null
+  # shellcheck disable=SC2086
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
 fi
 # the distribution's redis-server service is not what the tests use: they start their own on a free port
 as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
