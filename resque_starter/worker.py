@@ -17,6 +17,9 @@ user's), which changes four things:
 - Recycling between jobs after max_jobs, max_lifetime (+-10% jitter) or max_memory (USS).
 - Reforking (refork_after): the worker's Nth job runs in this process, even with a forking worker
   class, so what it loads lazily stays here; asked to, the worker then becomes the next mold.
+
+With prefork_horse and a class that forks per job, `PreforkHorseMixin` (over StarterMixin) forks each
+horse ahead of its job and reaps it after, both off the job's path (the process side is `prefork`).
 """
 
 from __future__ import annotations
