@@ -157,7 +157,7 @@ def _serve(settings: Settings, sock: socket.socket) -> None:
             pid = _double_fork(sock, worker, close=[status_fd])
             protocol.send(sock, {"op": "forked", "token": spec.name, "pid": pid})
         elif op == "recover":
-            pid = _double_fork(sock, partial(_recovery_main, settings, message))
+            pid = _double_fork(sock, partial(_recovery_main, settings, message, os.getppid()))
             protocol.send(sock, {"op": "forked", "token": message["token"], "pid": pid})
         else:
             log.warning("mold ignores unknown request %r", message)
@@ -213,11 +213,12 @@ def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int, superviso
     run_worker(settings, spec, socket.socket(fileno=status_fd))
 
 
-def _recovery_main(settings: Settings, request: dict[str, object]) -> None:
+def _recovery_main(settings: Settings, request: dict[str, object], supervisor: int) -> None:
     """Put a dead worker's claimed and started jobs back (or fail them) with the app's own classes.
 
     A worker often dies *because* Redis went away, so this waits for Redis with backoff (recovery is
-    idempotent, so a retry after a partial run is safe); a stop past its deadline kills it."""
+    idempotent, so a retry after a partial run is safe); a stop past its deadline kills it, and it
+    gives up by itself once the supervisor, its parent after the double fork, is gone."""
     import redis
 
     from resque_starter.recovery import recover_worker
@@ -248,4 +249,7 @@ def _recovery_main(settings: Settings, request: dict[str, object]) -> None:
             )  # fmt: skip
             time.sleep(wait)
             wait = min(wait * 2, REDIS_BACKOFF_MAX)
+            if os.getppid() != supervisor:
+                log.error("recovery of worker %s: the supervisor is gone; giving up", request["worker"])
+                return
     log.info("recovered worker %s: %s", request["worker"], result)

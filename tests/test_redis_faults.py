@@ -5,6 +5,7 @@ Each test runs its own redis-server on a free port (the session's is shared and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from conftest import RedisServer, wait_for
-from starter import ROOT, Starter, base_env, registries
+from starter import ROOT, Starter, base_env, cmdline, descendants, process_state, registries
 
 SETTLED = (JobStatus.FINISHED, JobStatus.FAILED)
 
@@ -163,3 +164,27 @@ def test_a_stop_while_redis_is_down_is_bounded_by_its_deadline(start, own_redis:
     s.signal(signal.SIGQUIT)
     assert s.wait_exit(15) == 1
     assert f"gave up recovering the jobs of dead worker {worker['name']}" in s.log()
+
+
+def test_a_recovery_waiting_for_redis_gives_up_when_the_supervisor_is_gone(
+    start, own_redis: RedisServer
+) -> None:
+    """Killed outright, the supervisor cannot stop its children: a recovery must not wait forever."""
+    s = start(own_redis.url, RESQUE_STARTER_CONCURRENCY="1")
+    (worker,) = s.wait_workers(1)
+    conn = redis.Redis.from_url(own_redis.url)
+    enqueue(own_redis.url, 1, 30)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="the job to start")
+    own_redis.stop()
+    os.kill(worker["pid"], signal.SIGKILL)
+    wait_for(lambda: "recovery of worker" in s.log(), what="recovery to wait for Redis")
+    tree = descendants(s.pid)
+    (recovery,) = [p for p in tree if "resque-starter: recovery" in cmdline(p)]
+    try:
+        s.signal(signal.SIGKILL)
+        wait_for(lambda: process_state(recovery) in (None, "Z"), 15, what="the recovery to give up")
+        assert "the supervisor is gone; giving up" in s.log()
+    finally:
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
