@@ -257,8 +257,12 @@ class Supervisor:
 
     def _wait(self, timeout: float | None) -> None:
         for key, _ in self._selector.select(timeout):
-            callback: Callable[[Any], None] = key.data
-            callback(key.fileobj)
+            try:  # an earlier callback of this batch may have closed it (a client dropped) or changed it
+                current = self._selector.get_key(key.fileobj)
+            except (KeyError, ValueError):
+                continue
+            callback: Callable[[Any], None] = current.data
+            callback(current.fileobj)
 
     def _next_timeout(self) -> float | None:
         """Sleep until the next deadline (backoff, drain, stop escalation); forever when idle."""

@@ -155,20 +155,22 @@ def test_pathological_requests_get_an_error_and_cost_little(supervisor: Starter,
 
 
 def test_many_pathological_clients_at_once_do_not_stop_the_loop(supervisor: Starter) -> None:
-    """Forty clients each sending a chunk of newlines: the loop must still answer a probe quickly."""
+    """Forty clients each sending a chunk of newlines, more than the server holds (it drops the oldest,
+    maybe one whose read is due in the same wakeup): the loop must still answer a probe quickly."""
     path = os.path.join(supervisor.run_dir, "control.sock")
-    socks = []
-    try:
-        for _ in range(40):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(path)
-            sock.sendall(b"\n" * 65536)
-            socks.append(sock)
-        reply = supervisor.ctl({"cmd": "health", "check": "live"})
-        assert reply["ok"] is True
-    finally:
-        for sock in socks:
-            sock.close()
+    for _ in range(10):
+        socks = []
+        try:
+            for _ in range(40):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(path)
+                sock.sendall(b"\n" * 65536)
+                socks.append(sock)
+            assert supervisor.ctl({"cmd": "health", "check": "live"})["ok"] is True
+        finally:
+            for sock in socks:
+                sock.close()
+    supervisor.assert_running()
     assert "Traceback" not in supervisor.log()
 
 
