@@ -95,26 +95,10 @@ class RedisServer:
 # --------------------------------------------------------------------------- /proc
 
 
-def _parents() -> dict[int, int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-    return parents
-
-
 def tree(roots: Sequence[int]) -> list[int]:
     """The roots and every process descended from them."""
-    parents = _parents()
-    found = [r for r in roots if r in parents]
-    frontier = list(found)
-    while frontier:
-        current = frontier.pop()
-        kids = [pid for pid, ppid in parents.items() if ppid == current]
-        found += kids
-        frontier += kids
-    return found
+    live = [r for r in roots if os.path.exists(f"/proc/{r}")]
+    return live + procmem.descendants(live)
 
 
 def alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ shared bytes, the totals, and an estimate of what the workers would use with not
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,19 +39,35 @@ def read(pid: int | str = "self") -> Memory | None:
     return Memory(rss=fields.get("Rss", 0), pss=fields.get("Pss", 0), uss=uss, shared=shared)
 
 
-def children(parents: set[int]) -> dict[int, int]:
-    """{pid: parent pid} of every live process whose parent is in `parents`."""
+def parents() -> dict[int, int]:
+    """{pid: parent pid} of every live process, from /proc/PID/stat."""
     found: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                found[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if ppid in parents:
-            found[int(entry)] = ppid
+    return found
+
+
+def children(of: set[int]) -> dict[int, int]:
+    """{pid: parent pid} of every live process whose parent is in `of`."""
+    return {pid: ppid for pid, ppid in parents().items() if ppid in of}
+
+
+def descendants(roots: Iterable[int]) -> list[int]:
+    """Every live process descended from `roots` (not the roots): what a process tree leaves behind."""
+    table = parents()
+    found: list[int] = []
+    frontier = list(roots)
+    while frontier:
+        current = frontier.pop()
+        kids = [pid for pid, ppid in table.items() if ppid == current]
+        found += kids
+        frontier += kids
     return found
 
 

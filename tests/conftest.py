@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -113,6 +114,32 @@ def run_dir(tmp_path) -> str:  # type: ignore[no-untyped-def]
     path = tmp_path / "run"
     path.mkdir()
     return str(path)
+
+
+@pytest.fixture
+def starters() -> Iterator[Callable[..., Any]]:
+    """Starts `starter.Starter(*args, **kwargs)`; stops every one it started when the test ends."""
+    from starter import Starter  # starter imports this module: a top-level import would be circular
+
+    started: list[Starter] = []
+
+    def launch(*args: Any, **kwargs: Any) -> Starter:
+        started.append(Starter(*args, **kwargs))
+        return started[-1]
+
+    yield launch
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def start(
+    starters: Callable[..., Any], redis_url: str, run_dir: str, conn: redis.Redis
+) -> Callable[..., Any]:
+    """A supervisor on the test's Redis (flushed) and run dir: `start(args=(), **RESQUE_STARTER_env)`."""
+    from starter import base_env
+
+    return lambda args=(), **env: starters(base_env(redis_url, run_dir, **env), args)
 
 
 os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")

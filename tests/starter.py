@@ -15,7 +15,7 @@ import redis
 from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from resque_starter import control
+from resque_starter import control, procmem
 
 from conftest import wait_for
 
@@ -134,32 +134,13 @@ class Starter:
         self._log.close()
 
 
-def _parents() -> dict[int, int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    return parents
-
-
 def children(pid: int) -> list[int]:
-    return sorted(p for p, ppid in _parents().items() if ppid == pid)
+    return sorted(p for p, ppid in procmem.parents().items() if ppid == pid)
 
 
 def descendants(pid: int) -> list[int]:
     """Every process whose ancestry leads to pid (from /proc), so tests can see what is left behind."""
-    parents = _parents()
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        children = [p for p, ppid in parents.items() if ppid == current]
-        found += children
-        frontier += children
-    return found
+    return procmem.descendants([pid])
 
 
 def process_state(pid: int) -> str | None:

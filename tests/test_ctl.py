@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +33,9 @@ DOC = ROOT / "README.md"
 
 
 @pytest.fixture
-def start(redis_url, run_dir, conn) -> Iterator[Any]:  # type: ignore[no-untyped-def]
-    started: list[Starter] = []
-
-    def _start(url: str | None = redis_url, directory: str = run_dir, **env: str) -> Starter:
-        s = Starter(base_env(url, directory, **env))
-        started.append(s)
-        return s
-
-    yield _start
-    for s in started:
-        s.stop()
+def start(starters, redis_url, run_dir, conn):  # type: ignore[no-untyped-def]
+    """`start(url=..., directory=..., **env)`: the Redis URL and run dir may be another's."""
+    return lambda url=redis_url, directory=run_dir, **env: starters(base_env(url, directory, **env))
 
 
 def ctl(

@@ -34,17 +34,8 @@ def group_env(redis_url: str | None, run_dir: str, groups: str | None, **env: st
 
 
 @pytest.fixture
-def start(redis_url, run_dir, conn):  # type: ignore[no-untyped-def]
-    started: list[Starter] = []
-
-    def _start(groups: str | None, **env: str) -> Starter:
-        s = Starter(group_env(redis_url, run_dir, groups, **env))
-        started.append(s)
-        return s
-
-    yield _start
-    for s in started:
-        s.stop()
+def start(starters, redis_url, run_dir, conn):  # type: ignore[no-untyped-def]
+    return lambda groups, **env: starters(group_env(redis_url, run_dir, groups, **env))
 
 
 def wait_groups(

@@ -24,20 +24,6 @@ from starter import ROOT, Starter, base_env, registries
 Start = Callable[..., Starter]
 
 
-@pytest.fixture
-def start(redis_url: str, run_dir: str, conn: redis.Redis) -> Iterator[Start]:
-    started: list[Starter] = []
-
-    def _start(args: tuple[str, ...] = (), **env: str) -> Starter:
-        s = Starter(base_env(redis_url, run_dir, **env), args)
-        started.append(s)
-        return s
-
-    yield _start
-    for s in started:
-        s.stop()
-
-
 def finished(jobs: list[Job]) -> bool:
     return all(j.get_status(refresh=True) == JobStatus.FINISHED for j in jobs)
 

@@ -21,17 +21,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def start(redis_url, run_dir, conn):  # type: ignore[no-untyped-def]
-    started: list[Starter] = []
-
-    def _start(prefix: tuple[str, ...] = UNSHARE, **env: str) -> Starter:
-        s = Starter(base_env(redis_url, run_dir, **env), prefix=prefix)
-        started.append(s)
-        return s
-
-    yield _start
-    for s in started:
-        s.stop()
+def start(starters, redis_url, run_dir, conn):  # type: ignore[no-untyped-def]
+    return lambda prefix=UNSHARE, **env: starters(base_env(redis_url, run_dir, **env), prefix=prefix)
 
 
 def zombies(s: Starter) -> list[int]:

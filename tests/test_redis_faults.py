@@ -21,23 +21,15 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from conftest import RedisServer, wait_for
-from starter import ROOT, Starter, base_env, cmdline, descendants, process_state, registries
+from starter import ROOT, base_env, cmdline, descendants, process_state, registries
 
 SETTLED = (JobStatus.FINISHED, JobStatus.FAILED)
 
 
 @pytest.fixture
-def start(run_dir: str) -> Iterator:  # type: ignore[type-arg]
-    started: list[Starter] = []
-
-    def _start(url: str, **env: str) -> Starter:
-        s = Starter(base_env(url, run_dir, **env))
-        started.append(s)
-        return s
-
-    yield _start
-    for s in started:
-        s.stop()
+def start(starters, run_dir: str):  # type: ignore[no-untyped-def]
+    """`start(url, **env)`: each test brings its own redis-server."""
+    return lambda url, **env: starters(base_env(url, run_dir, **env))
 
 
 @pytest.fixture

@@ -67,27 +67,23 @@ def app(tmp_path: Path) -> App:
 
 
 @pytest.fixture
-def start(redis_url, run_dir, conn, app):  # type: ignore[no-untyped-def]
-    started: list[Starter] = []
-
-    def _start(**env: str) -> Starter:
-        env = {
-            "RESQUE_STARTER_APP": "reloadapp",
-            "PYTHONPATH": os.pathsep.join([str(app.path.parent), str(TESTS), str(ROOT)]),
-            "PYTHONDONTWRITEBYTECODE": "1",
-            **env,
-        }
-        s = Starter(base_env(redis_url, run_dir, **env))
-        started.append(s)
-        return s
-
-    yield _start
-    for s in started:
-        s.stop()
+def start(starters, redis_url, run_dir, conn, app):  # type: ignore[no-untyped-def]
+    path = os.pathsep.join([str(app.path.parent), str(TESTS), str(ROOT)])
+    app_env = {"RESQUE_STARTER_APP": "reloadapp", "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"}
+    return lambda **env: starters(base_env(redis_url, run_dir, **{**app_env, **env}))
 
 
 def enqueue(conn: redis.Redis, seconds: float = 0.0) -> Job:
     return Queue("default", connection=conn).enqueue("reloadapp.job", seconds)
+
+
+def reload_during_a_job(s: Starter, conn: redis.Redis, app: App, seconds: float) -> Job:
+    """Start a job of `seconds` and, once it runs, reload to "v2": the job generation 1 must finish."""
+    job = enqueue(conn, seconds)
+    wait_for(lambda: conn.llen("reloadapp:started"), what="the long job to start")
+    app.write("v2")
+    s.signal(signal.SIGHUP)
+    return job
 
 
 def result(conn: redis.Redis, job: Job, timeout: float = 20.0) -> Any:
@@ -228,10 +224,7 @@ def test_titles_and_status_show_each_workers_generation_and_the_old_mold_waits_f
     s = start(RESQUE_STARTER_CONCURRENCY="1")
     [old] = s.wait_workers(1)
     old_mold = s.status()["molds"][0]["pid"]
-    long_job = enqueue(conn, 3)
-    wait_for(lambda: conn.llen("reloadapp:started"), what="the long job to start")
-    app.write("v2")
-    s.signal(signal.SIGHUP)
+    long_job = reload_during_a_job(s, conn, app, 3)
 
     def both() -> dict[str, Any] | None:
         status = s.status()
@@ -357,10 +350,7 @@ def test_ttin_during_a_reload_adds_a_new_generation_worker_and_the_scaled_count_
     s.wait_workers(2)
     assert s.ctl({"cmd": "scale", "n": "3"})["ok"]
     s.wait_workers(3)
-    long_job = enqueue(conn, 4)
-    wait_for(lambda: conn.llen("reloadapp:started"), what="the long job to start")
-    app.write("v2")
-    s.signal(signal.SIGHUP)
+    long_job = reload_during_a_job(s, conn, app, 4)
     wait_for(lambda: any(w["generation"] == 2 and w["ready"] for w in s.status()["workers"]),
              what="the reload under way")  # fmt: skip
     assert any(w["generation"] == 1 for w in s.status()["workers"]), "the old busy worker still runs"
@@ -408,10 +398,7 @@ def test_a_second_hup_mid_reload_starts_a_third_generation_and_abandons_the_seco
     s.wait_workers(n)
     sampler = Sampler(s)
     sampler.start()
-    long_job = enqueue(conn, 4)
-    wait_for(lambda: conn.llen("reloadapp:started"), what="the long job to start")
-    app.write("v2")
-    s.signal(signal.SIGHUP)
+    long_job = reload_during_a_job(s, conn, app, 4)
 
     def half_done() -> dict[str, Any] | None:
         status = s.status()

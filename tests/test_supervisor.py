@@ -15,21 +15,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from conftest import wait_for
-from starter import ROOT, Starter, base_env, cmdline, descendants, process_state, registries
-
-
-@pytest.fixture
-def start(redis_url, run_dir, conn):  # type: ignore[no-untyped-def]
-    started: list[Starter] = []
-
-    def _start(args: tuple[str, ...] = (), **env: str) -> Starter:
-        s = Starter(base_env(redis_url, run_dir, **env), args)
-        started.append(s)
-        return s
-
-    yield _start
-    for s in started:
-        s.stop()
+from starter import ROOT, cmdline, descendants, process_state, registries
 
 
 def enqueue(conn, func: str, *args, queue: str = "default", **kwargs) -> Job:  # type: ignore[no-untyped-def]
