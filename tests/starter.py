@@ -37,6 +37,27 @@ def base_env(redis_url: str | None, run_dir: str, **overrides: str) -> dict[str,
     return env
 
 
+def ctl(
+    run_dir: str, *args: str, user: int | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """`resque-starter ctl --run-dir DIR ARGS`, as another uid when asked (setpriv)."""
+    prefix = (
+        ["setpriv", "--reuid", str(user), "--regid", str(user), "--clear-groups"] if user is not None else []
+    )
+    argv = [*prefix, sys.executable, "-m", "resque_starter", "ctl", "--run-dir", run_dir, *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESQUE_STARTER_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
+
+
+def ok(run_dir: str, *args: str) -> str:
+    result = ctl(run_dir, *args)
+    assert result.returncode == 0, (
+        f"ctl {' '.join(args)}: {result.returncode}\n{result.stdout}{result.stderr}"
+    )
+    return result.stdout
+
+
 class Starter:
     """One supervisor process under test, with its log in a file the test can read."""
 

@@ -27,7 +27,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from conftest import RedisServer, free_port, wait_for
-from starter import ROOT, TESTS, Starter, base_env, children, descendants, process_state, registries
+from starter import ROOT, TESTS, Starter, base_env, children, ctl, descendants, ok, process_state, registries
 
 DOC = ROOT / "README.md"
 
@@ -36,27 +36,6 @@ DOC = ROOT / "README.md"
 def start(starters, redis_url, run_dir, conn):  # type: ignore[no-untyped-def]
     """`start(url=..., directory=..., **env)`: the Redis URL and run dir may be another's."""
     return lambda url=redis_url, directory=run_dir, **env: starters(base_env(url, directory, **env))
-
-
-def ctl(
-    run_dir: str, *args: str, user: int | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    """`resque-starter ctl --run-dir DIR ARGS`, as another uid when asked (setpriv)."""
-    prefix = (
-        ["setpriv", "--reuid", str(user), "--regid", str(user), "--clear-groups"] if user is not None else []
-    )
-    argv = [*prefix, sys.executable, "-m", "resque_starter", "ctl", "--run-dir", run_dir, *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RESQUE_STARTER_")}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
-
-
-def ok(run_dir: str, *args: str) -> str:
-    result = ctl(run_dir, *args)
-    assert result.returncode == 0, (
-        f"ctl {' '.join(args)}: {result.returncode}\n{result.stdout}{result.stderr}"
-    )
-    return result.stdout
 
 
 def enqueue(conn: redis.Redis, func: str, *args: Any) -> Job:

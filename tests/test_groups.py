@@ -20,7 +20,7 @@ from resque_starter import config, control
 from resque_starter.config import ConfigError, Group, load
 
 from conftest import wait_for
-from starter import ROOT, Starter, base_env, cmdline, registries
+from starter import ROOT, Starter, base_env, cmdline, ctl, registries
 
 P = "RESQUE_STARTER_"
 
@@ -73,12 +73,6 @@ def wait_status(job: Job, status: JobStatus, timeout: float = 20.0) -> None:
     wait_for(lambda: job.get_status(refresh=True) == status, timeout, what=f"job {job.id} to be {status}")
 
 
-def ctl(s: Starter, *args: str) -> subprocess.CompletedProcess[str]:
-    """`resque-starter ctl ...` as an operator runs it."""
-    argv = [sys.executable, "-m", "resque_starter", "ctl", "--run-dir", s.run_dir, *args]
-    return subprocess.run(argv, env=s.env, cwd=ROOT, capture_output=True, text=True, timeout=30)
-
-
 def started(conn: redis.Redis, n: int) -> None:
     wait_for(lambda: conn.llen("testjobs:done:started") == n, what=f"{n} job(s) to start")
 
@@ -119,30 +113,30 @@ def test_each_group_takes_only_its_queues_in_priority_order(start, conn) -> None
 def test_ctl_scale_changes_one_group_and_a_group_at_zero_keeps_its_place(start, conn) -> None:
     s = start("high,default=1; low=1; reports=0")
     [high] = in_group(wait_groups(s, {"high,default": 1, "low": 1}), "high,default")
-    scaled = ctl(s, "scale", "low", "3")
+    scaled = ctl(s.run_dir, "scale", "low", "3")
     assert (scaled.returncode, scaled.stdout.strip()) == (0, "group low: 3 worker(s)"), scaled.stderr
     workers = wait_groups(s, {"high,default": 1, "low": 3})
     assert sorted(w["slot"] for w in in_group(workers, "low")) == [0, 1, 2]
     assert [w["pid"] for w in in_group(workers, "high,default")] == [high["pid"]], "the other group stays"
 
-    assert ctl(s, "scale", "low", "0").returncode == 0
+    assert ctl(s.run_dir, "scale", "low", "0").returncode == 0
     wait_groups(s, {"high,default": 1})
     assert [(g["name"], g["size"]) for g in s.status()["groups"]] == [
         ("high,default", 1),
         ("low", 0),
         ("reports", 0),
     ]
-    assert "groups: high,default=1; low=0; reports=0" in ctl(s, "status").stdout
+    assert "groups: high,default=1; low=0; reports=0" in ctl(s.run_dir, "status").stdout
 
     job = enqueue(conn, "testjobs.record", queue="reports")
-    assert ctl(s, "scale", "reports", "+1").returncode == 0
-    assert ctl(s, "scale", "low", "+2").returncode == 0
+    assert ctl(s.run_dir, "scale", "reports", "+1").returncode == 0
+    assert ctl(s.run_dir, "scale", "low", "+2").returncode == 0
     workers = wait_groups(s, {"high,default": 1, "low": 2, "reports": 1})
     wait_status(job, JobStatus.FINISHED)
     assert Job.fetch(job.id, connection=conn).worker_name == in_group(workers, "reports")[0]["name"]
     assert [w["pid"] for w in in_group(workers, "high,default")] == [high["pid"]]
 
-    unknown = ctl(s, "scale", "nosuch", "1")
+    unknown = ctl(s.run_dir, "scale", "nosuch", "1")
     assert unknown.returncode == 1
     assert "unknown group 'nosuch'; groups: high,default; low; reports" in unknown.stderr
 

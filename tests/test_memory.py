@@ -6,8 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from conftest import wait_for
-from starter import ROOT, Starter, base_env, registries
+from starter import Starter, base_env, ok, registries
 
 Start = Callable[..., Starter]
 
@@ -157,13 +155,6 @@ def test_max_lifetime_waits_for_the_running_job(start: Start, conn: redis.Redis)
     assert registries(conn) == {"queued": [], "started": [], "failed": []}
 
 
-def ctl(s: Starter, *args: str) -> str:
-    argv = [sys.executable, "-m", "resque_starter", "ctl", "--run-dir", s.run_dir, *args]
-    out = subprocess.run(argv, capture_output=True, text=True, env=s.env, cwd=str(ROOT), timeout=30)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
 def test_ctl_mem_shows_every_process_and_the_saving(start: Start, conn: redis.Redis) -> None:
     s = start(RESQUE_STARTER_APP="bigapp", RESQUE_STARTER_CONCURRENCY="3")
     workers = s.wait_workers(3)
@@ -171,7 +162,7 @@ def test_ctl_mem_shows_every_process_and_the_saving(start: Start, conn: redis.Re
     horse = wait_for(
         lambda: [w["horse_pid"] for w in s.status()["workers"] if w["horse_pid"]], what="a horse"
     )
-    mem = json.loads(ctl(s, "mem", "--json"))
+    mem = json.loads(ok(s.run_dir, "mem", "--json"))
     status = s.status()
     roles = {p["pid"]: p["role"] for p in mem["processes"]}
     assert roles[status["pid"]] == "supervisor"
@@ -187,7 +178,7 @@ def test_ctl_mem_shows_every_process_and_the_saving(start: Start, conn: redis.Re
         p["rss"] > app and p["uss"] < app / 2 for p in mem["processes"] if p["role"].startswith("worker")
     )
     assert mem["unshared"] > 3 * app and mem["saved"] > 0.4, mem
-    text = ctl(s, "mem")
+    text = ok(s.run_dir, "mem")
     assert "worker[0]" in text and "horse[" in text and "total" in text
     sentence = (
         r"3 workers \(1 running a job\) .* use \d+ MB in all;"

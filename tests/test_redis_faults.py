@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from conftest import RedisServer, wait_for
-from starter import ROOT, base_env, cmdline, descendants, process_state, registries
+from starter import base_env, cmdline, ctl, descendants, process_state, registries
 
 SETTLED = (JobStatus.FINISHED, JobStatus.FAILED)
 
@@ -41,16 +39,6 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-
-
-def ctl(run_dir: str, *args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "resque_starter", "ctl", "--run-dir", run_dir, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=str(ROOT),
-    )
 
 
 def enqueue(url: str, n: int, seconds: float) -> list[Job]:

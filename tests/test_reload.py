@@ -10,8 +10,6 @@ import collections
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,18 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from conftest import wait_for
-from starter import ROOT, TESTS, Starter, base_env, children, cmdline, descendants, process_state, registries
+from starter import (
+    ROOT,
+    TESTS,
+    Starter,
+    base_env,
+    children,
+    cmdline,
+    descendants,
+    ok,
+    process_state,
+    registries,
+)
 
 APP = """\
 import os
@@ -242,13 +251,7 @@ def test_titles_and_status_show_each_workers_generation_and_the_old_mold_waits_f
     assert "resque-starter: worker[0] gen=1 busy" in cmdline(old["pid"])
     assert "resque-starter: worker[0] gen=2 " in cmdline(by_gen[2]["pid"])
     assert "resque-starter: supervisor gen=2" in cmdline(s.pid)
-    text = subprocess.run(
-        [sys.executable, "-m", "resque_starter", "ctl", "--run-dir", s.run_dir, "status"],
-        env=s.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    text = ok(s.run_dir, "status")
     assert "generation 2" in text and "GEN" in text
 
     assert result(conn, long_job) == "v1", "the old worker finished its job on the old code"
@@ -290,13 +293,7 @@ def test_a_reload_to_broken_code_keeps_the_old_generation_serving(
              what="no process of the failed generation left")  # fmt: skip
     assert s.log().count("Traceback (most recent call last)") == 1, "the failure is logged with its traceback"
     assert reason in s.log()
-    text = subprocess.run(
-        [sys.executable, "-m", "resque_starter", "ctl", "--run-dir", s.run_dir, "status"],
-        env=s.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    text = ok(s.run_dir, "status")
     assert "last reload failed" in text and reason in text
 
     assert [result(conn, enqueue(conn)) for _ in range(3)] == ["v1"] * 3, "the old generation serves"

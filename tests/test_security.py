@@ -21,7 +21,7 @@ from rq import Queue
 from rq.job import JobStatus
 
 from conftest import RedisServer, wait_for
-from starter import ROOT, Starter, base_env
+from starter import ROOT, Starter, base_env, ctl
 
 PASSWORD = "s3cr3t-Pa55w0rd"
 # Environment variables whose names say they hold secrets: their values must never be logged.
@@ -43,14 +43,8 @@ def locked_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def ctl(run_dir: str, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "resque_starter", "ctl", "--run-dir", run_dir, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=str(ROOT),
-    )
+def ctl_output(run_dir: str, *args: str) -> str:
+    result = ctl(run_dir, *args)
     return result.stdout + result.stderr
 
 
@@ -83,9 +77,9 @@ def test_the_redis_password_and_secret_environment_never_reach_logs_or_status(
         wait_for(lambda: s.status()["serving_generation"] == 2, 30, what="the reload")
         s.wait_workers(2)
         outputs = {
-            "ctl status": ctl(s.run_dir, "status"),
-            "ctl status --json": ctl(s.run_dir, "status", "--json"),
-            "ctl health --ready": ctl(s.run_dir, "health", "--ready"),
+            "ctl status": ctl_output(s.run_dir, "status"),
+            "ctl status --json": ctl_output(s.run_dir, "status", "--json"),
+            "ctl health --ready": ctl_output(s.run_dir, "health", "--ready"),
         }
         assert json.loads(outputs["ctl status --json"])["redis_url"].startswith("redis://:***@")
         assert jobs[0].get_status(refresh=True) == JobStatus.FAILED
@@ -104,7 +98,7 @@ def test_a_wrong_redis_password_is_reported_without_it(locked_redis: RedisServer
     s = Starter(base_env(url, run_dir, RESQUE_STARTER_CONCURRENCY="1"))
     try:
         wait_for(lambda: "attempt 2" in s.log(), 20, what="two failed connection attempts")
-        status = ctl(s.run_dir, "status", "--json")
+        status = ctl_output(s.run_dir, "status", "--json")
     finally:
         s.stop()
     assert "invalid username-password pair" in s.log() or "WRONGPASS" in s.log() or "AUTH" in s.log()
