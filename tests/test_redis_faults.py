@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,7 +20,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from conftest import RedisServer, wait_for
-from starter import base_env, cmdline, ctl, descendants, process_state, registries
+from starter import Starter, base_env, cmdline, ctl, descendants, process_state, registries
 
 SETTLED = (JobStatus.FINISHED, JobStatus.FAILED)
 
@@ -131,15 +132,21 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_a_stop_while_redis_is_down_is_bounded_by_its_deadline(start, own_redis: RedisServer) -> None:
-    """A dead worker's recovery waits for Redis, but not past the stop's deadline."""
-    s = start(own_redis.url, RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_DRAIN_TIMEOUT="2")
+def kill_the_busy_worker_with_redis_down(s: Starter, own_redis: RedisServer) -> dict[str, Any]:
+    """SIGKILL the one worker mid-job once Redis is down: its recovery must wait for Redis."""
     (worker,) = s.wait_workers(1)
     conn = redis.Redis.from_url(own_redis.url)
     enqueue(own_redis.url, 1, 30)
     wait_for(lambda: conn.llen("testjobs:done:started"), what="the job to start")
     own_redis.stop()
     os.kill(worker["pid"], signal.SIGKILL)
+    return worker
+
+
+def test_a_stop_while_redis_is_down_is_bounded_by_its_deadline(start, own_redis: RedisServer) -> None:
+    """A dead worker's recovery waits for Redis, but not past the stop's deadline."""
+    s = start(own_redis.url, RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_DRAIN_TIMEOUT="2")
+    worker = kill_the_busy_worker_with_redis_down(s, own_redis)
     wait_for(lambda: "recovery of worker" in s.log() and "not reachable" in s.log(), what="recovery to wait")
     s.signal(signal.SIGQUIT)
     assert s.wait_exit(15) == 1
@@ -151,12 +158,7 @@ def test_a_recovery_waiting_for_redis_gives_up_when_the_supervisor_is_gone(
 ) -> None:
     """Killed outright, the supervisor cannot stop its children: a recovery must not wait forever."""
     s = start(own_redis.url, RESQUE_STARTER_CONCURRENCY="1")
-    (worker,) = s.wait_workers(1)
-    conn = redis.Redis.from_url(own_redis.url)
-    enqueue(own_redis.url, 1, 30)
-    wait_for(lambda: conn.llen("testjobs:done:started"), what="the job to start")
-    own_redis.stop()
-    os.kill(worker["pid"], signal.SIGKILL)
+    kill_the_busy_worker_with_redis_down(s, own_redis)
     wait_for(lambda: "recovery of worker" in s.log(), what="recovery to wait for Redis")
     tree = descendants(s.pid)
     (recovery,) = [p for p in tree if "resque-starter: recovery" in cmdline(p)]
