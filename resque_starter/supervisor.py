@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import gc
 import logging
 import os
@@ -22,12 +21,21 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from setproctitle import setproctitle
 
-from resque_starter import cgroups, config, control, embedded_redis, metrics, procmem, protocol, redis_ping
+from resque_starter import (
+    cgroups,
+    config,
+    control,
+    embedded_redis,
+    metrics,
+    procmem,
+    protocol,
+    redis_ping,
+    rundir,
+)
 from resque_starter.config import (
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -37,7 +45,8 @@ from resque_starter.config import (
     ConfigError,
     Settings,
 )
-from resque_starter.protocol import LineBuffer, WorkerSpec
+from resque_starter.process_table import Mold, Recovery, Worker, describe_status
+from resque_starter.protocol import WorkerSpec
 
 log = logging.getLogger("resque_starter.supervisor")
 
@@ -63,61 +72,6 @@ HANDLED = (
     signal.SIGHUP,
     signal.SIGCHLD,
 )
-
-
-@dataclass
-class Mold:
-    generation: int
-    pid: int
-    sock: socket.socket
-    settings: Settings
-    buffer: LineBuffer = field(default_factory=LineBuffer)
-    ready: bool = False
-    failed: bool = False
-    promoted: bool = False  # a worker promoted to mold (reforking); its generation does not refork again
-
-
-@dataclass
-class Worker:
-    """One row of the process table: a worker process and what it last told us about itself."""
-
-    spec: WorkerSpec
-    status: socket.socket
-    queues: tuple[str, ...]
-    pid: int | None = None
-    started_at: float = field(default_factory=time.monotonic)
-    buffer: LineBuffer = field(default_factory=LineBuffer)
-    state: str = "starting"
-    ready: bool = False
-    job: dict[str, Any] | None = None
-    done: int = 0
-    failed: int = 0
-    requeued: int = 0
-    stop_level: int | None = None
-    stop_reason: str = ""
-    paused: bool = False
-    listening: bool = True
-    promotable: bool = False  # it ran REFORK_AFTER jobs
-    promoting: int | None = None  # asked to become the mold of this generation
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.spec.group, self.spec.slot)
-
-    @property
-    def stopping(self) -> bool:
-        return self.stop_level is not None
-
-
-@dataclass
-class Recovery:
-    worker: str
-    queues: tuple[str, ...]
-    requeue: bool
-    reason: str
-    after_pid: int | None = None  # an orphaned horse that must be reaped first
-    pid: int | None = None
-    sent: bool = False
 
 
 class Supervisor:
@@ -189,8 +143,10 @@ class Supervisor:
         for sig in HANDLED:
             signal.signal(sig, self._on_signal)
         self._selector.register(read_end, selectors.EVENT_READ, self._drain_wakeup)
-        self._make_run_dir()
-        self._write_pid_file()
+        rundir.make(self.settings.run_dir)
+        if self.settings.pid_file:
+            rundir.write_pid_file(self.settings.pid_file)
+            self._pid_file_written = self.settings.pid_file
         if self.settings.redis_url is None:
             self._redis = embedded_redis.start(self.settings.run_dir)
             log.warning(
@@ -236,7 +192,8 @@ class Supervisor:
                 hook(self.settings)
             except Exception:
                 log.exception("before_exit hook raised")
-        self._remove_pid_file()
+        if self._pid_file_written:
+            rundir.remove_pid_file(self._pid_file_written)
         log.info("supervisor exiting with code %s", self.exit_code)
 
     def _abort_children(self) -> None:
@@ -851,34 +808,8 @@ class Supervisor:
         return control.dispatch(self, request)
 
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        workers = []
-        for w in sorted(self.workers.values(), key=lambda w: (w.spec.group, w.spec.slot, w.spec.generation)):
-            mem = procmem.read(w.pid) if w.pid else None
-            job = w.job or {}
-            started = job.get("started")
-            workers.append(
-                {
-                    "group": ",".join(w.queues),  # as spawned: a reload may renumber the groups
-                    "slot": w.spec.slot,
-                    "pid": w.pid,
-                    "generation": w.spec.generation,
-                    "name": w.spec.name,
-                    "state": _shown_state(w),
-                    "ready": w.ready,
-                    "job_id": job.get("job"),
-                    "job_func": job.get("func"),
-                    "job_age": round(time.time() - float(started), 3) if started else None,
-                    "horse_pid": job.get("horse"),
-                    "jobs_done": w.done,
-                    "jobs_failed": w.failed,
-                    "jobs_requeued": w.requeued,
-                    "uptime": round(now - w.started_at, 3),
-                    "stopping": w.stop_reason or None,
-                    "uss": mem.uss if mem else None,
-                    "pss": mem.pss if mem else None,
-                }
-            )
+        order = sorted(self.workers.values(), key=lambda w: (w.spec.group, w.spec.slot, w.spec.generation))
+        workers = [w.row() for w in order]
         return {
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 3),
@@ -924,52 +855,3 @@ class Supervisor:
             f"resque-starter: supervisor gen={self.generation} workers={live}/{sum(self.sizes)}{state} "
             f"app={','.join(self.settings.app) or '-'}"
         )
-
-    def _make_run_dir(self) -> None:
-        path = self.settings.run_dir
-        try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            why = "it is not a directory" if isinstance(exc, FileExistsError) else exc.strerror
-            raise ConfigError("RESQUE_STARTER_RUN_DIR", path, f"a writable directory ({why})") from None
-
-    def _write_pid_file(self) -> None:
-        path = self.settings.pid_file
-        if not path:
-            return
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            os.replace(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise ConfigError("RESQUE_STARTER_PID_FILE", path, f"a writable path ({exc.strerror})") from None
-        self._pid_file_written = path
-
-    def _remove_pid_file(self) -> None:
-        path = self._pid_file_written
-        if not path:
-            return
-        try:
-            with open(path) as f:
-                if f.read().strip() == str(os.getpid()):
-                    os.unlink(path)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                log.warning("could not remove pid file %s: %s", path, exc)
-
-
-def _shown_state(w: Worker) -> str:
-    if w.state == "busy":
-        return w.state
-    if w.promoting is not None:
-        return "promoting"
-    return "stopping" if w.stop_level is not None else w.state
-
-
-def describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit code {os.WEXITSTATUS(status)}"
