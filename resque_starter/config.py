@@ -138,6 +138,8 @@ class _Invalid(Exception):
     """A parser's complaint, the `allowed` text of the ConfigError the loader builds around it."""
 
 
+MAX_GROUP_SIZE = 1024  # workers in one group: a typo must not fork-bomb the container
+
 # ---- parsers: each takes a string (flag, environment, config file) or a native value (config file)
 
 
@@ -431,9 +433,9 @@ def _group(number: int, shown: str, queues: object, size: object) -> Group:
     except _Invalid as e:
         raise _Invalid(f"{where}: {e}") from None
     try:
-        return Group(names, _whole(0)(size))
+        return Group(names, _whole(0, MAX_GROUP_SIZE)(size))
     except _Invalid:
-        raise _Invalid(f"{where}: size must be a whole number >= 0") from None
+        raise _Invalid(f"{where}: size must be a whole number from 0 to {MAX_GROUP_SIZE}") from None
 
 
 # ---- the variables of DESIGN.md §2
@@ -460,7 +462,7 @@ VARIABLES = (
     _Var("redis_url", _redis_url, "Redis URL (redis://, rediss://, unix://); also REDIS_URL"),
     _Var("require_redis_url", _boolean, "refuse to start without a Redis URL instead of embedding one"),
     _Var("app", _modules, "dotted module(s), comma-separated, imported by the mold before forking"),
-    _Var("concurrency", _whole(0), "number of worker slots (default: CPUs of the container)"),
+    _Var("concurrency", _whole(0, MAX_GROUP_SIZE), "number of worker slots (default: CPUs of the container)"),
     _Var("queues", _queues, "queue names in priority order, comma-separated (default: default)"),
     _Var("groups", _groups, "worker groups, e.g. 'high,default=3; low=1' (replaces queues + concurrency)"),
     _Var("dequeue_strategy", _choice("default", "round_robin", "random"), "rq dequeue strategy"),

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from resque_starter import procmem, protocol
+from resque_starter import config, procmem, protocol
 from resque_starter.config import ConfigError
 from resque_starter.listener import Listener
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("resque_starter.control")
 
 SOCKET_NAME = "control.sock"
-MAX_SCALE = 1024  # workers per group by `ctl scale`: a typo must not fork-bomb the container
+MAX_SCALE = config.MAX_GROUP_SIZE
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 

@@ -133,10 +133,11 @@ QUEUE = "queue names"
 URL = "a redis://, rediss:// or unix:// URL"
 
 BAD = [
-    ("CONCURRENCY", "-1", f"{WHOLE} >= 0"),
-    ("CONCURRENCY", "x", f"{WHOLE} >= 0"),
-    ("CONCURRENCY", "1.5", f"{WHOLE} >= 0"),
-    ("CONCURRENCY", "\u0664", f"{WHOLE} >= 0"),  # an Arabic-Indic 4: int() takes it, we don't
+    ("CONCURRENCY", "-1", f"{WHOLE} from 0 to 1024"),
+    ("CONCURRENCY", "1025", f"{WHOLE} from 0 to 1024"),
+    ("CONCURRENCY", "x", f"{WHOLE} from 0 to 1024"),
+    ("CONCURRENCY", "1.5", f"{WHOLE} from 0 to 1024"),
+    ("CONCURRENCY", "\u0664", f"{WHOLE} from 0 to 1024"),  # an Arabic-Indic 4: int() takes it, we don't
     ("MAX_REQUEUES", "-1", f"{WHOLE} >= 0"),
     ("RELOAD_SURGE", "0", f"{WHOLE} >= 1"),
     ("MAX_JOBS", "0", f"{WHOLE} >= 1, or off"),
@@ -189,8 +190,9 @@ BAD = [
     ("RUN_DIR", "   ", "a non-empty path"),
     ("PID_FILE", "a\0b", "a non-empty path"),
     ("GROUPS", "low", "group 1 'low': expected QUEUES=SIZE"),
-    ("GROUPS", "high=1; low=x", "group 2 'low=x': size must be a whole number >= 0"),
+    ("GROUPS", "high=1; low=x", "group 2 'low=x': size must be a whole number from 0 to 1024"),
     ("GROUPS", "high=1; low=-1", "group 2 'low=-1': size must be"),
+    ("GROUPS", "high=1; low=1025", "group 2 'low=1025': size must be a whole number from 0 to 1024"),
     ("GROUPS", "a=1; b b=2", "group 2 'b b=2': queue names"),
     ("GROUPS", "a,a=1", "group 1 'a,a=1': queue names"),
     ("GROUPS", "=3", "group 1 '=3': queue names"),
@@ -441,7 +443,9 @@ def test_bad_value_in_config_file_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path / "conf.py", "concurrency = -2\n")
     with pytest.raises(ConfigError) as caught:
         env_load(CONFIG=path)
-    assert_one_line(caught.value, f"{P}CONCURRENCY (in {path})=-2 is not allowed: a whole number >= 0")
+    assert_one_line(
+        caught.value, f"{P}CONCURRENCY (in {path})=-2 is not allowed: a whole number from 0 to 1024"
+    )
 
 
 @pytest.mark.parametrize(

@@ -379,7 +379,7 @@ def run_cli(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("groups", "points_at"),
     [
-        ("high,default=3; low=x", "group 2 'low=x': size must be a whole number >= 0"),
+        ("high,default=3; low=x", "group 2 'low=x': size must be a whole number from 0 to 1024"),
         ("high,default=3; low", "group 2 'low': expected QUEUES=SIZE"),
         ("high=1; low=-1; reports=0", "group 2 'low=-1': size must be"),
         ("high=1; re ports=1", "group 2 're ports=1': queue names"),
