@@ -2,11 +2,12 @@
 
 One round: enqueue `jobs` short jobs that record their own start and completion in Redis, start a
 supervisor, and for `storm_seconds` hit it with a seeded random storm of TTIN, TTOU, USR1, USR2,
-CONT, HUP, `ctl scale`, and SIGKILL of random workers and work-horses, while a thread samples /proc
-for zombies. Then: the worker count must converge to the target, QUIT must stop it cleanly, and a
-fresh supervisor drains what is left. Finally every job is checked against DESIGN.md's promise:
-finished exactly once (or requeued, then finished), or failed with a reason a storm event explains;
-no started/WIP entry, claim list, intermediate list or worker registration is left.
+CONT, HUP, `ctl scale`, SIGTERM, SIGINT and SIGKILL of random workers and SIGKILL of work-horses,
+while a thread samples /proc for zombies. Then: the worker count must converge to the target, QUIT
+must stop it cleanly, and a fresh supervisor drains what is left. Finally every job is checked
+against DESIGN.md's promise: finished exactly once (or requeued, then finished), or failed with a
+reason a storm event explains; no started/WIP entry, claim list, intermediate list or worker
+registration is left.
 
 Everything random comes from `random.Random(seed)`, and the seed is in every failure message, so a
 failure can be replayed with `python bench/soak.py --seed N` (or the test id).
@@ -49,6 +50,7 @@ FAILURE_REASONS = (
     "resque-starter: job killed by SIGUSR1",  # USR1
     "Work-horse terminated unexpectedly",  # SIGKILL of a horse (rq's own words)
     "while running this job",  # SIGKILL of a worker: "worker pid N (...) died (killed by SIGKILL) ..."
+    "interrupted by shutdown",  # SIGINT of a worker, once a job has been requeued MAX_REQUEUES times
 )
 
 
@@ -225,6 +227,8 @@ def blow(starter: Starter, storm: Storm, rng: random.Random) -> None:
         (cont, 1.5),
         (hup, 0.3),
         (kill_worker, 3),
+        (term_worker, 1),
+        (int_worker, 1),
         (kill_horse, 3),
     ]
     functions, weights = zip(*actions, strict=True)
@@ -292,19 +296,33 @@ def hup(starter: Starter, storm: Storm, rng: random.Random) -> str:
 
 
 def kill_worker(starter: Starter, storm: Storm, rng: random.Random) -> str:
-    """SIGKILL a worker, a busy one when there is one. A worker killed young counts as a crash at
-    start, and CRASH_LIMIT of those in a row in one slot rightly end the supervisor (exit 4), so a
-    slot gets at most YOUNG_KILLS of them in a row."""
+    return _hit_worker(starter, storm, rng, signal.SIGKILL)
+
+
+def term_worker(starter: Starter, storm: Storm, rng: random.Random) -> str:
+    """A worker stopped from outside, gracefully: it finishes its job, exits, and its slot is refilled."""
+    return _hit_worker(starter, storm, rng, signal.SIGTERM)
+
+
+def int_worker(starter: Starter, storm: Storm, rng: random.Random) -> str:
+    """A worker stopped quickly from outside (rq's `shutdown` command does this): its job goes back."""
+    return _hit_worker(starter, storm, rng, signal.SIGINT)
+
+
+def _hit_worker(starter: Starter, storm: Storm, rng: random.Random, sig: signal.Signals) -> str:
+    """Send sig to a worker, a busy one when there is one. A worker that exits young, unasked, counts
+    as a crash at start, and CRASH_LIMIT of those in a row in one slot rightly end the supervisor
+    (exit 4), so a slot gets at most YOUNG_KILLS of them in a row."""
     workers = [
         w
         for w in starter.status()["workers"]
         if w["pid"] and (w["uptime"] >= MIN_VICTIM_UPTIME or storm.young_kills[w["slot"]] < YOUNG_KILLS)
     ]
     if not workers:
-        return "SIGKILL worker: none to kill"
+        return f"{sig.name} worker: none to hit"
     victim = rng.choice([w for w in workers if w["state"] == "busy"] or workers)
     label = f"{victim['state']} worker[{victim['slot']}] up {victim['uptime']:.1f}s"
-    text = _kill(storm, victim["pid"], "worker[", label)
+    text = _send(storm, victim["pid"], sig, "worker[", label)
     if victim["uptime"] >= MIN_VICTIM_UPTIME:
         storm.young_kills[victim["slot"]] = 0
     else:
@@ -316,19 +334,19 @@ def kill_horse(starter: Starter, storm: Storm, rng: random.Random) -> str:
     horses = [p for p in descendants(starter.pid) if HORSE in cmdline(p)]
     if not horses:
         return "SIGKILL horse: none running"
-    return _kill(storm, rng.choice(horses), HORSE, "horse")
+    return _send(storm, rng.choice(horses), signal.SIGKILL, HORSE, "horse")
 
 
-def _kill(storm: Storm, pid: int, title: str, label: str) -> str:
-    """SIGKILL pid if it still is what we think it is (a recycled pid must not be shot)."""
+def _send(storm: Storm, pid: int, sig: signal.Signals, title: str, label: str) -> str:
+    """Signal pid if it still is what we think it is (a recycled pid must not be shot)."""
     if title not in cmdline(pid):
-        return f"SIGKILL {label} pid {pid}: already gone"
+        return f"{sig.name} {label} pid {pid}: already gone"
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
     except ProcessLookupError:
-        return f"SIGKILL {label} pid {pid}: already gone"
-    storm.counts[f"killed {label.split()[0]}"] += 1
-    return f"SIGKILL {label} pid {pid}"
+        return f"{sig.name} {label} pid {pid}: already gone"
+    storm.counts[f"{sig.name} {label.split()[0]}"] += 1
+    return f"{sig.name} {label} pid {pid}"
 
 
 def converge(starter: Starter, storm: Storm) -> None:
@@ -429,8 +447,8 @@ def check_jobs(conn: redis.Redis, plan: Plan, storm: Storm, job_ids: list[str]) 
             problems.append(f"{job_id} ({job.args}): {problem}")
         outcomes[job.get_status(refresh=False) or "?"] += 1
         outcomes["requeued"] += bool(job.meta.get(REQUEUES_META_KEY))
-    explained = storm.counts["usr1"] * storm.plan.max_workers + storm.counts["killed busy"]
-    explained += storm.counts["killed horse"]
+    explained = storm.counts["usr1"] * storm.plan.max_workers + storm.counts["SIGKILL busy"]
+    explained += storm.counts["SIGKILL horse"] + storm.counts["SIGINT busy"]
     if outcomes[JobStatus.FAILED] > explained:
         problems.append(f"{outcomes[JobStatus.FAILED]} failures but the storm explains at most {explained}")
     _check(
