@@ -61,7 +61,7 @@ def run_mold(settings: Settings, generation: int, sock: socket.socket, promoted:
             signal.signal(sig, signal.SIG_DFL)
         error = None if promoted else _preload(settings)
         if error is None and not promoted:
-            _warm_worker_path()
+            _warm_worker_path(settings)
         if error is not None:
             code, message = error
             protocol.send(sock, {"op": "error", "code": code, "message": message})
@@ -112,14 +112,19 @@ def _preload(settings: Settings) -> tuple[int, str] | None:
     return None
 
 
-def _warm_worker_path() -> None:
+def _warm_worker_path(settings: Settings) -> None:
     """Load here, before the freeze, what every worker would otherwise load for itself after the fork:
-    the worker module, and what rq's first job builds lazily (datetime.strptime's module and caches)."""
+    the worker module, what rq's first job builds lazily (datetime.strptime's module and caches, the
+    resource module os.wait4 imports), and what a Redis client's first use imports."""
+    import resource  # noqa: F401
+
     from rq.utils import now, str_to_date, utcformat
 
-    import resque_starter.worker  # noqa: F401
+    import resque_starter.worker
 
     str_to_date(utcformat(now()))
+    if settings.redis_url:
+        resque_starter.worker.warm_client(settings.redis_url)
 
 
 def _is_prefix(name: str, module: str) -> bool:
@@ -222,12 +227,12 @@ def _recovery_main(settings: Settings, request: dict[str, object], supervisor: i
     import redis
 
     from resque_starter.recovery import recover_worker
-    from resque_starter.worker import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX
+    from resque_starter.worker import DRIVER_INFO, REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX
 
     logs.set_role("recovery")
     setproctitle(f"resque-starter: recovery {request['worker']}")
     assert settings.redis_url is not None
-    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=30, driver_info=DRIVER_INFO)
     wait = REDIS_BACKOFF_FIRST
     while True:
         try:

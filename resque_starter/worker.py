@@ -24,8 +24,10 @@ horse ahead of its job and reaps it after, both off the job's path (the process 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -42,6 +44,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import redis
+from redis.driver_info import DriverInfo
 from rq.command import parse_payload
 from rq.exceptions import NoSuchJobError, StopRequested
 from rq.executions import Execution
@@ -71,6 +74,9 @@ THREAD_JOIN_TIMEOUT = 5.0  # how long a promoted worker waits for rq's pubsub th
 REDIS_BACKOFF_FIRST = 0.5
 REDIS_BACKOFF_MAX = 30.0
 REDIS_CONNECT_TIMEOUT = 5.0
+# Given to every client we make: without it, each new connection (every worker, every work-horse)
+# looks the version up in the package metadata, running importlib.metadata and an email parser.
+DRIVER_INFO = DriverInfo(lib_version=redis.__version__)
 
 QUICK_STOP = "quick"
 KILL_JOB = "kill"
@@ -480,6 +486,13 @@ class StarterMixin:
     def _start_horse(self, job: Job, queue: Queue) -> None:
         """rq forks the horse here; PreforkHorseMixin hands the job to one forked in advance instead."""
         super().fork_work_horse(job, queue)
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        """In a fresh work-horse: freeze what it inherited from the worker, so collections in the job
+        (the interpreter's, or the gc.collect() many libraries call) examine, and copy, only what the
+        job allocates. The worker itself stays unfrozen: its own garbage is still collected there."""
+        gc.freeze()
+        super().main_work_horse(job, queue)  # type: ignore[misc]
 
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
         if not self._in_process:  # nothing to monitor when the job ran in fork_work_horse
@@ -900,6 +913,14 @@ def _connect(context: Context) -> StarterMixin | None:
     return None
 
 
+def warm_client(url: str) -> None:
+    """In the mold, before its freeze: build a client as a worker does, without connecting, and load
+    the idna codec its first connection loads (socket.getaddrinfo encodes host names with it), so no
+    worker imports them (modules, unicodedata tables) on pages of its own."""
+    redis.Redis.from_url(url, driver_info=DRIVER_INFO).close()
+    codecs.lookup("idna")
+
+
 def build_worker(context: Context) -> StarterMixin:
     """The configured rq worker class with StarterMixin on top, on its own Redis connection."""
     settings = context.settings
@@ -914,7 +935,9 @@ def build_worker(context: Context) -> StarterMixin:
                  context.label, settings.worker_class)  # fmt: skip
     worker_class = type("StarterWorker", (mixin, user_class), {})
     assert settings.redis_url
-    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT)
+    connection = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT, driver_info=DRIVER_INFO
+    )
     tunables = {
         "worker_ttl": settings.worker_ttl,
         "job_monitoring_interval": settings.job_monitoring_interval,

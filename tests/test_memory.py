@@ -244,3 +244,34 @@ def test_start_says_what_it_estimated_when_the_workers_fit(start: Start) -> None
     assert len(line) == 1 and "WARNING" not in line[0], line
     app = int(re.search(r"= (\d+) MB mold \(the app", line[0])[1])  # type: ignore[index]
     assert 30 <= app <= 80, line[0]
+
+
+AUDIT_IMPORTS = """
+import os, sys
+
+def before_fork(settings):
+    mold = os.getpid()
+
+    def audit(event, args):
+        if event == "import" and os.getpid() != mold:
+            with open({path!r}, "a") as f:
+                f.write(f"{{os.getpid()}} {{args[0]}}\\n")
+
+    sys.addaudithook(audit)
+"""
+
+
+def test_workers_and_horses_import_nothing_after_the_fork(
+    start: Start, conn: redis.Redis, tmp_path: Path
+) -> None:
+    """What a worker or its work-horse imports lands on pages of its own, in every process: the mold
+    loads what rq and redis-py would load lazily (a client's version lookup, the idna codec of its
+    first connection, os.wait4's resource module, strptime), so that nothing is left to import."""
+    imports = tmp_path / "imports.txt"
+    config = tmp_path / "audit_conf.py"
+    config.write_text(AUDIT_IMPORTS.format(path=str(imports)))
+    s = start(RESQUE_STARTER_APP="testjobs", RESQUE_STARTER_CONFIG=str(config))
+    s.wait_workers(2)
+    jobs = [Queue(connection=conn).enqueue("testjobs.noop") for _ in range(4)]
+    wait_for(lambda: finished(jobs), 20, what="4 jobs")
+    assert not imports.exists(), imports.read_text()
