@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import importlib
 import keyword
 import math
 import os
 import re
-import runpy
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -648,12 +646,21 @@ def _read_config_file(path: str, label: str) -> tuple[dict[str, object], Hooks]:
                 values[name] = value
         elif name.lower() in known:
             raise ConfigError(label, path, f"settings are lowercase: write {name.lower()} instead of {name}")
-        elif name.islower() and (close := difflib.get_close_matches(name, known, n=1, cutoff=0.8)):
-            raise ConfigError(label, path, f"{name} is not a setting or hook; did you mean {close[0]}?")
+        elif name.islower() and (close := _close_match(name, known)):
+            raise ConfigError(label, path, f"{name} is not a setting or hook; did you mean {close}?")
     return values, Hooks(**hooks)
 
 
+def _close_match(name: str, known: list[str]) -> str | None:
+    import difflib  # only for names a config file defines that are not settings (the supervisor's memory)
+
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def _run_config_file(path: str, label: str) -> dict[str, Any]:
+    import runpy  # only with a config file (the supervisor's memory)
+
     if os.path.isdir(path):
         raise ConfigError(label, path, "a Python config file, not a directory")
     try:

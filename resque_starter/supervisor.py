@@ -10,7 +10,6 @@ never imports the application: a fork of it is a clean interpreter that becomes 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import logging
@@ -21,21 +20,11 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from resque_starter import (
-    cgroups,
-    config,
-    control,
-    embedded_redis,
-    metrics,
-    procmem,
-    protocol,
-    redis_ping,
-    rundir,
-)
+from resque_starter import cgroups, config, control, procmem, protocol, redis_ping, rundir
 from resque_starter.config import (
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -47,6 +36,10 @@ from resque_starter.config import (
 )
 from resque_starter.process_table import Mold, Recovery, Worker, describe_status
 from resque_starter.protocol import WorkerSpec
+
+if TYPE_CHECKING:  # imported where used: a supervisor without them does not hold them in memory
+    from resque_starter.embedded_redis import EmbeddedRedis
+    from resque_starter.metrics import MetricsServer
 
 log = logging.getLogger("resque_starter.supervisor")
 
@@ -105,9 +98,9 @@ class Supervisor:
         self._seq = 0
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
-        self._redis: embedded_redis.EmbeddedRedis | None = None
+        self._redis: EmbeddedRedis | None = None
         self._control: control.ControlServer | None = None
-        self._metrics: metrics.MetricsServer | None = None
+        self._metrics: MetricsServer | None = None
         self._pid_file_written: str | None = None
         self._name_prefix = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(2).hex()}"
 
@@ -134,6 +127,8 @@ class Supervisor:
     def _start(self) -> None:
         setproctitle(self._title())
         if os.getpid() != 1:
+            import ctypes
+
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
                 log.warning("prctl(PR_SET_CHILD_SUBREAPER) failed: errno %d", ctypes.get_errno())
@@ -148,6 +143,8 @@ class Supervisor:
             rundir.write_pid_file(self.settings.pid_file)
             self._pid_file_written = self.settings.pid_file
         if self.settings.redis_url is None:
+            from resque_starter import embedded_redis
+
             self._redis = embedded_redis.start(self.settings.run_dir)
             log.warning(
                 "REDIS_URL is not set: started an embedded redis-server at %s; nothing is shared with other "
@@ -158,7 +155,9 @@ class Supervisor:
             self.settings = dataclasses.replace(self.settings, redis_url=self._redis.url)
         self._control = control.ControlServer(self.settings.run_dir, self._selector, self.handle_command)
         if self.settings.metrics_port is not None:
-            self._metrics = metrics.MetricsServer(self.settings.metrics_port, self._selector, self)
+            from resque_starter.metrics import MetricsServer
+
+            self._metrics = MetricsServer(self.settings.metrics_port, self._selector, self)
         log.info(
             "supervisor pid %d: %d worker(s) on %s, app=%s, redis=%s",
             os.getpid(),

@@ -545,14 +545,19 @@ def test_check_classes_accepts_rq_names_and_aliases() -> None:
     assert config.check_classes(settings) is None
 
 
-def test_the_loader_imports_neither_rq_nor_redis_py() -> None:
-    """They are 17+ MB a process: the supervisor stays small; the mold loads them for the workers."""
+def test_the_loader_imports_neither_rq_nor_redis_py_nor_what_only_some_supervisors_use() -> None:
+    """rq and redis-py are 17+ MB a process: the supervisor stays small; the mold loads them for the
+    workers. What only some supervisors use (the metrics endpoint and prometheus_client, the embedded
+    Redis, a config file's runner, a config error's suggestions) is imported when used: every page the
+    supervisor holds is copied by the molds it forks."""
     code = (
         "import sys, os\n"
         "from resque_starter import config, supervisor, cli\n"
         "env = {'REDIS_URL': 'rediss://:pw@127.0.0.1:6390/1', 'RESQUE_STARTER_WORKER_CLASS': 'rq.Worker'}\n"
         "config.load({}, env)\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('rq', 'redis')))\n"
+        "lazy = ('rq', 'redis', 'prometheus_client', 'difflib', 'runpy', 'ctypes')\n"
+        "ours = ('resque_starter.metrics', 'resque_starter.embedded_redis')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in lazy or m in ours))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
