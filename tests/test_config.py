@@ -606,11 +606,15 @@ def test_every_flag_is_named_after_its_variable() -> None:
 # ---- cgroups
 
 
-def cgroup(root: Path, files: dict[str, str]) -> str:
+def cgroup(tmp: Path, files: dict[str, str], own: str = "0::/") -> tuple[str, str]:
+    """A fake /sys/fs/cgroup holding `files`, and a fake /proc/self/cgroup saying where we are in it."""
+    root = tmp / "sys"
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text + "\n")
-    return str(root)
+    root.mkdir(exist_ok=True)
+    (tmp / "proc").write_text(own + "\n")
+    return str(root), str(tmp / "proc")
 
 
 @pytest.mark.parametrize(
@@ -631,10 +635,10 @@ def cgroup(root: Path, files: dict[str, str]) -> str:
     ],
 )
 def test_cpu_count_from_cgroup(tmp_path: Path, files: dict[str, str], cpus: int | None) -> None:
-    root = cgroup(tmp_path, files)
-    assert cgroups.cpu_count(root) == (AVAILABLE if cpus is None else min(cpus, AVAILABLE))
+    root, proc = cgroup(tmp_path, files)
+    assert cgroups.cpu_count(root, proc) == (AVAILABLE if cpus is None else min(cpus, AVAILABLE))
     if cpus is not None:
-        assert math.ceil(cgroups.cpu_quota(root) or 0) == cpus
+        assert math.ceil(cgroups.cpu_quota(root, proc) or 0) == cpus
 
 
 @pytest.mark.parametrize(
@@ -648,7 +652,57 @@ def test_cpu_count_from_cgroup(tmp_path: Path, files: dict[str, str], cpus: int 
     ],
 )
 def test_memory_limit_from_cgroup(tmp_path: Path, files: dict[str, str], limit: int | None) -> None:
-    assert cgroups.memory_limit(cgroup(tmp_path, files)) == limit
+    assert cgroups.memory_limit(*cgroup(tmp_path, files)) == limit
+
+
+NESTED_V2 = "0::/system.slice/jobs.service"
+NESTED_V1 = "12:cpu,cpuacct:/jobs\n4:memory:/jobs\n1:name=systemd:/jobs"
+
+
+@pytest.mark.parametrize(
+    ("own", "files", "limit"),
+    [
+        # a systemd service (or a container without a cgroup namespace): its own cgroup sits deeper
+        (NESTED_V2, {"memory.max": "max", "system.slice/jobs.service/memory.max": "268435456"}, 256 << 20),
+        # the least limit along the ancestry binds: the slice's, here
+        (
+            NESTED_V2,
+            {"system.slice/memory.max": "134217728", "system.slice/jobs.service/memory.max": "268435456"},
+            128 << 20,
+        ),
+        (NESTED_V1, {"memory/jobs/memory.limit_in_bytes": "268435456"}, 256 << 20),
+        # a container mounts its own cgroup as the root: the path it is told is not under the mount
+        ("0::/kubepods/pod1/abc", {"memory.max": "536870912"}, 512 << 20),
+        ("", {"memory.max": "536870912"}, 512 << 20),
+    ],
+    ids=["v2-service", "v2-slice-binds", "v1-service", "v2-container", "no-proc-file"],
+)
+def test_memory_limit_is_the_least_along_our_own_cgroups_ancestry(
+    tmp_path: Path, own: str, files: dict[str, str], limit: int
+) -> None:
+    assert cgroups.memory_limit(*cgroup(tmp_path, files, own)) == limit
+
+
+@pytest.mark.parametrize(
+    ("own", "files", "cpus"),
+    [
+        (NESTED_V2, {"cpu.max": "max 100000", "system.slice/jobs.service/cpu.max": "150000 100000"}, 1.5),
+        (
+            NESTED_V1,
+            {
+                "cpu,cpuacct/cpu.cfs_quota_us": "-1",
+                "cpu,cpuacct/jobs/cpu.cfs_quota_us": "50000",
+                "cpu,cpuacct/jobs/cpu.cfs_period_us": "100000",
+            },
+            0.5,
+        ),
+    ],
+    ids=["v2-service", "v1-service"],
+)
+def test_cpu_quota_is_read_from_our_own_cgroup(
+    tmp_path: Path, own: str, files: dict[str, str], cpus: float
+) -> None:
+    assert cgroups.cpu_quota(*cgroup(tmp_path, files, own)) == cpus
 
 
 # ---- masking and describing
