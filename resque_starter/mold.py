@@ -25,7 +25,7 @@ from typing import NoReturn
 
 from setproctitle import setproctitle
 
-from resque_starter import logs, orphans, protocol
+from resque_starter import logs, orphans, procmem, protocol
 from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings, check_classes, mask_url
 from resque_starter.protocol import WorkerSpec
 
@@ -69,6 +69,7 @@ def run_mold(settings: Settings, generation: int, sock: socket.socket, promoted:
             # every object built so far stays on pages no collection in a worker writes to
             gc.collect()
             gc.freeze()
+            procmem.release_free_heap()  # no worker copies a free page of the heap to allocate in it
             protocol.send(sock, {"op": "ready", "pid": os.getpid()})
             _serve(settings, sock)
             code = 0

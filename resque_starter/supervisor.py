@@ -564,6 +564,7 @@ class Supervisor:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         settings = self.settings
         gc.freeze()  # neither our collections nor the mold's examine, and so copy, the pages we share
+        procmem.release_free_heap()
         pid = os.fork()
         if pid == 0:
             parent_sock.close()
