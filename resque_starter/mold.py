@@ -25,7 +25,7 @@ from typing import NoReturn
 
 from setproctitle import setproctitle
 
-from resque_starter import logs, orphans, procmem, protocol
+from resque_starter import hugepages, logs, orphans, procmem, protocol
 from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings, check_classes, mask_url
 from resque_starter.protocol import WorkerSpec
 
@@ -70,6 +70,7 @@ def run_mold(settings: Settings, generation: int, sock: socket.socket, promoted:
             gc.collect()
             gc.freeze()
             procmem.release_free_heap()  # no worker copies a free page of the heap to allocate in it
+            hugepages.collapse_heap()  # cheaper forks and exits from here on
             protocol.send(sock, {"op": "ready", "pid": os.getpid()})
             _serve(settings, sock)
             code = 0

@@ -1,0 +1,108 @@
+"""What makes forked jobs cheaper (issue 8): the mold's heap on huge pages, and work-horses that do
+not redo work their worker already did."""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from resque_starter import hugepages
+from resque_starter.worker import Context, Controls, build_worker
+
+from starter import ROOT, Starter, base_env
+from worker_harness import make_settings, new_spec
+
+
+def _kernel() -> tuple[int, int]:
+    major, minor = platform.release().split(".")[:2]
+    return int(major), int(minor)
+
+
+needs_collapse = pytest.mark.skipif(
+    not hugepages.thp_allowed() or _kernel() < (6, 1),
+    reason="transparent huge pages disabled, or no MADV_COLLAPSE (Linux 6.1)",
+)
+
+
+def anon_huge_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHugePages:"))
+
+
+def test_only_aligned_parts_of_private_anonymous_mappings_are_candidates(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text(
+        textwrap.dedent("""\
+        00400000-00600000 r-xp 00000000 08:01 1 /usr/bin/python3
+        00a01000-01100000 rw-p 00000000 00:00 0 [heap]
+        7f0000100000-7f0000900000 rw-p 00000000 00:00 0
+        7f0001000000-7f0001400000 rw-s 00000000 00:01 2 /dev/zero (deleted)
+        7f0002000000-7f0002100000 rw-p 00000000 00:00 0
+        7f0003000000-7f0003400000 ---p 00000000 00:00 0
+        7f0004000000-7f0004400000 rw-p 00000000 08:01 3 /usr/lib/libfoo.so
+        7ffd00000000-7ffd00400000 rw-p 00000000 00:00 0 [stack]
+        """)
+    )
+    assert hugepages.anonymous_ranges(str(maps)) == [
+        (0x00C00000, 0x01000000),  # [heap]: its two whole 2 MiB pages
+        (0x7F0000200000, 0x7F0000800000),
+    ]
+
+
+@needs_collapse
+def test_a_filled_heap_is_collapsed_into_huge_pages_for_little_memory() -> None:
+    """40 MB of small objects, as an app builds them: the 2 MiB-aligned ranges they fill end up on huge
+    pages (pymalloc's 1 MiB arenas sit among malloc's own mappings, so not all of it), and resident
+    memory grows by at most MAX_MISSING small pages per huge page."""
+    script = textwrap.dedent("""\
+        import gc, json
+        from resque_starter import hugepages, procmem
+        table = [[i, i + 1] for i in range(250_000)]
+        gc.freeze()
+        before = procmem.read().rss
+        collapsed = hugepages.collapse_heap()
+        with open("/proc/self/smaps_rollup") as f:
+            huge = next(int(l.split()[1]) * 1024 for l in f if l.startswith("AnonHugePages:"))
+        print(json.dumps([collapsed, huge, procmem.read().rss - before]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    collapsed, huge, grown = json.loads(out.stdout)
+    assert huge >= collapsed >= 4 * 2**20
+    assert grown <= collapsed // hugepages.HUGE * hugepages.MAX_MISSING * hugepages.PAGE
+
+
+@pytest.fixture
+def starter(redis_url: str, run_dir: str) -> Iterator[list[Starter]]:
+    started: list[Starter] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+@needs_collapse
+def test_the_mold_keeps_the_app_on_huge_pages(starter: list[Starter], redis_url: str, run_dir: str) -> None:
+    s = Starter(base_env(redis_url, run_dir, RESQUE_STARTER_APP="bigapp", RESQUE_STARTER_CONCURRENCY="1"))
+    starter.append(s)
+    s.wait_workers(1)
+    mold = s.status()["molds"][0]["pid"]
+    assert anon_huge_bytes(mold) >= 4 * 2**20  # of bigapp's 40 MB
+
+
+def test_every_connection_of_a_worker_shares_one_driver_info(redis_url: str) -> None:
+    """A horse's first command opens a new connection; it must not read redis-py's metadata again."""
+    status, _ = socket.socketpair()
+    settings = make_settings(redis_url)
+    worker = build_worker(Context(settings, new_spec(), Controls(paused=False), status, ("default",)))
+    pool = worker.connection.connection_pool
+    first, second = pool.make_connection(), pool.make_connection()
+    assert first.driver_info is second.driver_info
+    assert first.driver_info.lib_version == redis.__version__
