@@ -61,14 +61,20 @@ def ok(run_dir: str, *args: str) -> str:
 class Starter:
     """One supervisor process under test, with its log in a file the test can read."""
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        args: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
+        command: str = "run",
+    ) -> None:
         self.env = env
         self.run_dir = env["RESQUE_STARTER_RUN_DIR"]
         self.log_path = Path(self.run_dir).parent / f"starter-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._prefix = prefix
         self._inner: int | None = None
-        argv = [*prefix, sys.executable, "-m", "resque_starter", "run", *args]
+        argv = [*prefix, sys.executable, "-m", "resque_starter", command, *args]
         self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(ROOT))
         self.url = env.get("REDIS_URL") or f"unix://{self.run_dir}/redis.sock"
 

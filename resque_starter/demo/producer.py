@@ -12,6 +12,7 @@ import time
 
 import redis
 from rq import Queue
+from setproctitle import setproctitle
 
 from resque_starter import logs
 from resque_starter.config import Settings
@@ -29,6 +30,7 @@ def start_in_background(settings: Settings) -> int:
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         logs.set_role("demo producer")
+        setproctitle("resque-starter: demo producer")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if os.getppid() == parent:
             run(
