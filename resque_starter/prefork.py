@@ -1,14 +1,20 @@
-"""Work-horses forked ahead of time, and reaped after their job, both off the job's path.
+"""Work-horses forked ahead of time by a forker process: off the job's path, and off the worker's pages.
 
-The mechanics under RESQUE_STARTER_PREFORK_HORSE (worker.PreforkHorseMixin holds the rq side). With a
-big preloaded app, a horse costs milliseconds twice: fork() copies the page tables, and exit unmaps
-them. So a worker forks its next horse while it has time; the horse waits on a socket for its job,
-and when the job is over says so before it exits, so the worker goes on while the kernel tears the
-horse down and a reaper thread collects it.
+The mechanics under RESQUE_STARTER_PREFORK_HORSE (worker.PreforkHorseMixin holds the rq side). A worker
+that forks a horse per job pays three times: fork() copies its page tables, the horse's exit drops them
+again, and after every fork each page the worker writes is copied once more (copy-on-write: about 900
+pages, 3 ms, per job measured with rq's loop). So the worker forks once, when it starts, a *forker*: a
+copy of itself that does nothing but fork horses when asked and reap them. The worker never forks again,
+so its pages stay its own, and the forker, which writes almost nothing, forks from page tables that
+stay as compact as the mold left them (huge pages, see `hugepages`).
 
-A horse leads its own process group from its first instruction (the worker sets it too, so no killpg
-of the horse can ever hit the worker), and dies with its worker: SIGKILL by PR_SET_PDEATHSIG, or exit
-0 when its socket reaches EOF before a job came.
+Each horse is forked while the previous job runs (or while the worker waits for one) and waits on a
+socket whose other end the worker holds; the worker hands it the job there. When the job is over the
+horse says so before it exits, so the worker goes on while the kernel tears the horse down. A horse that
+exits without saying so (killed, crashed) is reaped by the forker, which sends its wait status on.
+
+A horse leads its own process group from its first instruction, and dies with its forker, the forker with
+its worker (PR_SET_PDEATHSIG); a horse still waiting for a job exits 0 when its socket reaches EOF.
 """
 
 from __future__ import annotations
@@ -16,23 +22,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
+import pickle
 import select
 import signal
 import socket
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from resque_starter import orphans
 
 log = logging.getLogger("resque_starter.prefork")
 
 DONE = b"done"
+FORK = b"fork"
 MAX_MESSAGE = 65536  # a job id, an execution id and a queue name; rq does not bound their length
+# What a horse killed with its forker (PR_SET_PDEATHSIG) reports to wait4: killed by SIGKILL.
+KILLED = int(signal.SIGKILL)
+# The forker ignores these: sent to a whole process group (a terminal's ^C), they are the worker's.
+_FORKER_IGNORES = (
+    signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM,
+)  # fmt: skip
 
 OnStart = Callable[[], None]
 OnJob = Callable[[bytes, Callable[[], None]], None]
+
+
+class ForkerGone(ConnectionError):
+    """The forker died (killed, or out of memory): its horses died with it."""
 
 
 @dataclass
@@ -41,65 +58,234 @@ class Horse:
 
     pid: int
     sock: socket.socket
-    pidfd: int | None = None  # opened when it gets its job, where the kernel has pidfds (Linux 5.3)
-
-    @classmethod
-    def fork(cls, on_start: OnStart, on_job: OnJob) -> Horse:
-        """Fork a horse. In it: own process group, death with this process, `on_start()`, then wait
-        for `hand()` and run `on_job(message, report_done)`. It exits 0 on EOF instead, 1 if a
-        callback raises. rq's main_work_horse, which on_job ends in, exits by itself."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the horse
-            ours.close()
-            _serve(parent, theirs, on_start, on_job)
-        theirs.close()
-        with contextlib.suppress(OSError):  # the horse may have done it already
-            os.setpgid(pid, pid)
-        return cls(pid, ours)
 
     def hand(self, message: bytes) -> None:
-        """Send the horse its job. Raises ConnectionError, after reaping it, if it died idle."""
+        """Send the horse its job. Raises ConnectionError if it died waiting."""
         try:
             self.sock.send(message, socket.MSG_NOSIGNAL)
         except ConnectionError:
             self.close()
-            os.waitpid(self.pid, 0)
             raise
-        with contextlib.suppress(OSError):
-            self.pidfd = os.pidfd_open(self.pid)
-
-    def wait_done(self) -> bool:
-        """Block until the horse reports its job done (True: it is exiting, see Reaper) or exits
-        without that (False: reap it with wait4 for its status). Without pidfds, False at once. A
-        signal handler that raises (rq's monitor timeout) interrupts the wait."""
-        if self.pidfd is None:
-            return False
-        readable, _, _ = select.select([self.sock, self.pidfd], [], [])
-        if self.sock not in readable:
-            return False
-        with contextlib.suppress(OSError):
-            return self.sock.recv(MAX_MESSAGE) == DONE
-        return False
 
     def close(self) -> None:
         """Close our side (in the worker, or in any other child of it that inherited it)."""
         self.sock.close()
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
 
-    def discard(self) -> None:
-        """End a horse that got no job (it holds nothing: no job, no claim) and reap it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        self.close()
+
+@dataclass
+class Forker:
+    """The worker's side of its forker: ask for horses, learn how they ended."""
+
+    pid: int
+    sock: socket.socket
+    _exits: dict[int, tuple[int, Any]] = field(default_factory=dict)  # pid -> (wait status, rusage)
+    _forgotten: set[int] = field(default_factory=set)  # horses whose exit status nobody will ask for
+    _forked: list[int | OSError] = field(default_factory=list)
+    gone: bool = False
+
+    @classmethod
+    def start(cls, on_ready: OnStart, on_start: OnStart, on_job: OnJob) -> Forker:
+        """Fork the forker. In it: death with this process, `on_ready()`, then a horse per request, each
+        running `on_start()`, then `on_job(message, report_done)` once handed a job (see `_serve`)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the forker
+            ours.close()
+            _run_forker(parent, theirs, on_ready, on_start, on_job)
+        theirs.close()
+        return cls(pid, ours)
+
+    def spawn(self) -> Horse:
+        """A new horse, waiting for its job. Raises OSError if the fork failed, ForkerGone."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            socket.send_fds(self.sock, [FORK], [theirs.fileno()])
+        except OSError as exc:
+            ours.close()
+            raise ForkerGone(f"forker {self.pid} is gone") from exc
+        finally:
+            theirs.close()
+        while not self._forked:
+            self._receive(block=True)
+            if self.gone and not self._forked:
+                ours.close()
+                raise ForkerGone(f"forker {self.pid} is gone")
+        result = self._forked.pop(0)
+        if isinstance(result, OSError):
+            ours.close()
+            raise result
+        return Horse(result, ours)
+
+    def wait(self, horse: Horse) -> tuple[bool, int, Any]:
+        """Until the horse reports its job done, (True, 0, None), or ends without that, (False, wait
+        status, rusage). A signal handler that raises (rq's monitor timeout) interrupts the wait and
+        loses nothing: a second call goes on where the first one stopped."""
+        watched = [horse.sock, self.sock]
+        while horse.pid not in self._exits:
+            if self.gone:
+                return False, KILLED, None
+            readable = select.select(watched, [], [])[0]
+            if horse.sock in readable:
+                if _recv(horse.sock) == DONE:
+                    self.forget(horse.pid)
+                    return True, os.EX_OK, None
+                watched.remove(horse.sock)  # EOF: it died; its status comes from the forker
+            if self.sock in readable:
+                self._receive(block=False)
+        status, rusage = self._exits.pop(horse.pid)
+        return False, status, rusage
+
+    def ended(self, pid: int) -> bool:
+        """Whether the horse has ended (without a job: a dead spare); reads the forker's news first."""
+        self._receive(block=False)
+        if pid in self._exits or self.gone:
+            self._exits.pop(pid, None)
+            return True
+        return False
+
+    def forget(self, pid: int) -> None:
+        """Nobody will ask how this horse ends (it reported its job done, or it is being discarded)."""
+        if self._exits.pop(pid, None) is None:
+            self._forgotten.add(pid)
+
+    def close(self) -> None:
+        """Stop the forker (it kills and reaps any horse it still has) and reap it."""
+        self.sock.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
 
+    def _receive(self, block: bool) -> None:
+        """Read the forker's messages: what each fork gave, and how each horse ended. SIGALRM, whose
+        handler raises in rq's monitor, waits until a message read is also recorded."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        try:
+            while not self.gone:
+                if not (block or select.select([self.sock], [], [], 0)[0]):
+                    return
+                data = _recv(self.sock)
+                if not data:
+                    self.gone = True
+                    return
+                self._record(pickle.loads(data))
+                block = False
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _record(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "forked":
+            self._forked.append(message[1])
+        elif kind == "failed":
+            self._forked.append(OSError(message[1], os.strerror(message[1])))
+        elif message[1] in self._forgotten:
+            self._forgotten.discard(message[1])
+        else:
+            self._exits[message[1]] = (message[2], message[3])
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(MAX_MESSAGE)
+    except OSError:
+        return b""
+
+
+# --- in the forker -----------------------------------------------------------------------------------
+
+
+def _run_forker(  # pragma: no cover - runs in the forker
+    parent: int, sock: socket.socket, on_ready: OnStart, on_start: OnStart, on_job: OnJob
+) -> None:
+    code = 1
+    try:
+        orphans.die_with_parent(parent)
+        for sig in _FORKER_IGNORES:
+            signal.signal(sig, signal.SIG_IGN)
+        on_ready()
+        _Forker(sock, on_start, on_job).serve()
+        code = 0
+    except BaseException:
+        log.exception("horse forker %d failed", os.getpid())
+    finally:
+        os._exit(code)
+
+
+class _Forker:  # pragma: no cover - runs in the forker
+    """Fork a horse per request, reap them all, report each exit; on EOF, end every horse left and exit."""
+
+    def __init__(self, sock: socket.socket, on_start: OnStart, on_job: OnJob) -> None:
+        self.sock = sock
+        self.on_start = on_start
+        self.on_job = on_job
+        self.horses: set[int] = set()
+        self.wake_read, self.wake_write = os.pipe()
+        for fd in (self.wake_read, self.wake_write):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_write, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def serve(self) -> None:
+        while True:
+            readable = select.select([self.sock.fileno(), self.wake_read], [], [])[0]
+            if self.wake_read in readable:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self.wake_read, 512):
+                        pass
+                self.reap(os.WNOHANG)
+            if self.sock.fileno() in readable:
+                try:
+                    message, fds, _flags, _address = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+                except ConnectionResetError:  # the worker closed its end with our news unread
+                    message, fds = b"", []
+                if not message:
+                    break
+                self.fork(socket.socket(fileno=fds[0]))
+        for pid in self.horses:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.reap(0)
+
+    def fork(self, horse: socket.socket) -> None:
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN, ENOMEM: the worker logs it and asks again later
+            horse.close()
+            self.report(("failed", exc.errno))
+            return
+        if pid == 0:
+            self.sock.close()
+            signal.set_wakeup_fd(-1)
+            os.close(self.wake_read)
+            os.close(self.wake_write)
+            for sig in (signal.SIGCHLD, *_FORKER_IGNORES):
+                signal.signal(sig, signal.SIG_DFL)
+            _serve(os.getppid(), horse, self.on_start, self.on_job)
+        horse.close()
+        with contextlib.suppress(OSError):  # the horse may have done it already
+            os.setpgid(pid, pid)
+        self.horses.add(pid)
+        self.report(("forked", pid))
+
+    def reap(self, options: int) -> None:
+        while self.horses:
+            try:
+                pid, status, rusage = os.wait4(-1, options)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.horses.discard(pid)
+            self.report(("exited", pid, status, rusage))
+
+    def report(self, message: tuple[Any, ...]) -> None:
+        with contextlib.suppress(OSError):  # the worker is gone: so are we, soon
+            self.sock.send(pickle.dumps(message), socket.MSG_NOSIGNAL)
+
 
 def _serve(parent: int, sock: socket.socket, on_start: OnStart, on_job: OnJob) -> None:  # pragma: no cover
+    """A horse's whole life: wait for the job, run it, exit 0 (1 if a callback raised; rq's
+    main_work_horse, which on_job ends in, exits by itself)."""
     code = 1
     try:
         os.setpgrp()
@@ -118,26 +304,3 @@ def _serve(parent: int, sock: socket.socket, on_start: OnStart, on_job: OnJob) -
         log.exception("pre-forked horse %d failed", os.getpid())
     finally:
         os._exit(code)
-
-
-class Reaper:
-    """A thread that reaps horses which reported their job done and are still exiting, so no zombie
-    stays and the exit is off the next job's path. It only waits for the pids it is given."""
-
-    def __init__(self) -> None:
-        self._pids: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="resque-starter-reaper", daemon=True)
-        self._thread.start()
-
-    def add(self, pid: int) -> None:
-        self._pids.put(pid)
-
-    def close(self) -> None:
-        """Reap every horse given so far, then end the thread."""
-        self._pids.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while (pid := self._pids.get()) is not None:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)

@@ -98,9 +98,11 @@ def report(status: dict[str, Any]) -> dict[str, Any]:
     }
     horses = {w.get("horse_pid") for w in status["workers"]}
     rows += [{"role": f"worker[{slot}]", "pid": pid} for pid, slot in slots.items()]
-    for pid, parent in sorted(children(set(slots)).items()):
+    owners = children(set(slots))  # horses, rq's scheduler, a pre-forked horse's forker
+    owners |= {pid: owners[parent] for pid, parent in children(set(owners)).items()}  # the forker's horses
+    for pid, worker in sorted(owners.items()):
         kind = "horse" if pid in horses else "child"
-        rows.append({"role": f"{kind}[{slots[parent]}]", "pid": pid})
+        rows.append({"role": f"{kind}[{slots[worker]}]", "pid": pid})
     processes = []
     for row in rows:
         mem = read(row["pid"])
@@ -108,9 +110,10 @@ def report(status: dict[str, Any]) -> dict[str, Any]:
             processes.append({**row, **asdict(mem)})
     total = {name: sum(p[name] for p in processes) for name in FIELDS}
     workers = [p for p in processes if p["role"].startswith("worker[")]
-    jobs = [p for p in processes if not p["role"].startswith(("supervisor", "mold", "worker["))]
-    # Nothing shared: each worker would hold all it maps (its RSS), each job its own private memory.
-    unshared = sum(p["rss"] for p in workers) + sum(p["uss"] for p in jobs)
+    others = [p for p in processes if p["role"].startswith(("horse[", "child["))]
+    jobs = [p for p in others if p["role"].startswith("horse[")]
+    # Nothing shared: each worker would hold all it maps (its RSS), each child its own private memory.
+    unshared = sum(p["rss"] for p in workers) + sum(p["uss"] for p in others)
     return {
         "processes": processes,
         "total": total,

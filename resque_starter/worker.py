@@ -641,23 +641,21 @@ class StarterMixin:
 
 
 class PreforkHorseMixin(StarterMixin):
-    """RESQUE_STARTER_PREFORK_HORSE over rq.Worker: fork time and exit time off the job's path.
+    """RESQUE_STARTER_PREFORK_HORSE over rq.Worker: no fork, and no exit, on the job's path, and no fork
+    in the worker at all.
 
-    The next horse is forked while the current job runs (or at start) and waits; a dequeued job is
-    handed to it by id, and it fetches the Job and the Execution fresh from Redis (as rq's SpawnWorker
-    does) and runs rq's main_work_horse. When perform_job returns it says so and exits; the worker
-    goes on at once and a reaper thread collects it. So each job still gets its own process. The rest
-    is rq's and StarterMixin's: monitor_work_horse (heartbeats, the death of a horse, the timeout
-    kill), kill_horse, the busy event with the horse's pid, results, retries, registries.
-
-    With max_memory set, neither a spare nor an exiting horse may exist when the worker measures its
-    USS (they share its pages, which would hide them): the worker then waits for its horse's exit as
-    rq does, and forks the spare only after each job's recycle check.
+    At start the worker forks its forker (`prefork`), which forks each horse ahead of its job: the next
+    one while the current job runs (or at start). A dequeued job is handed to the waiting horse by id;
+    it fetches the Job and the Execution fresh from Redis (as rq's SpawnWorker does) and runs rq's
+    main_work_horse. When perform_job returns it says so and exits, and the worker goes on at once. So
+    each job still gets its own process. The rest is rq's and StarterMixin's: monitor_work_horse
+    (heartbeats, the death of a horse, the timeout kill), kill_horse, the busy event with the horse's
+    pid, results, retries, registries.
     """
 
+    _forker: prefork.Forker | None = None
     _spare: prefork.Horse | None = None  # forked, waiting for a job
     _horse: prefork.Horse | None = None  # running the current job
-    _reaper: prefork.Reaper | None = None
     _report_done: Callable[[], None] | None = None  # in a horse
     _horse_pid: int
     _is_horse: bool
@@ -665,13 +663,10 @@ class PreforkHorseMixin(StarterMixin):
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)  # type: ignore[misc]
         os.register_at_fork(after_in_child=self._close_in_child)
-        self._reaper = prefork.Reaper()
-        if not self._measures_memory:
-            self._ensure_spare()
+        self._ensure_spare()
 
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
-        if not self._measures_memory:
-            self._ensure_spare()  # while the horse runs the job
+        self._ensure_spare()  # while the horse runs the job
         super().monitor_work_horse(job, queue, execution)  # type: ignore[misc]
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -680,18 +675,13 @@ class PreforkHorseMixin(StarterMixin):
 
     def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
         """rq waits for the horse's exit; a horse that reported its job done counts as exited 0."""
-        horse = self._horse
-        if horse is not None and not self._measures_memory and horse.wait_done():
-            assert self._reaper is not None
-            self._horse = None
-            horse.close()
-            self._reaper.add(horse.pid)
-            return horse.pid, os.EX_OK, None
-        result = super().wait_for_horse()  # type: ignore[misc]
-        if horse is not None:
-            self._horse = None
-            horse.close()
-        return result
+        horse, forker = self._horse, self._forker
+        if horse is None or forker is None:
+            return None, None, None
+        _done, status, rusage = forker.wait(horse)
+        self._horse = None
+        horse.close()
+        return horse.pid, status, rusage
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         finished = super().perform_job(job, queue, execution)  # type: ignore[misc]
@@ -703,38 +693,33 @@ class PreforkHorseMixin(StarterMixin):
         if not self.is_horse:
             for horse in (self._spare, self._horse):
                 if horse is not None:
-                    horse.discard()
+                    self._discard(horse)
             self._spare = self._horse = None
-            if self._reaper is not None:
-                self._reaper.close()
+            if self._forker is not None:
+                self._forker.close()
+                self._forker = None
         super().teardown()
 
-    @property
-    def _measures_memory(self) -> bool:
-        return self._context.settings.max_memory is not None
-
     def _heartbeat_if_due(self) -> None:
-        """Polled about every second while idle or paused: also the moment to reap a dead spare."""
+        """Polled about every second while idle or paused: also the moment to notice a dead spare."""
         super()._heartbeat_if_due()
-        self._reap_dead_spare()
+        self._drop_dead_spare()
 
     def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
         """Polled every job_monitoring_interval while a job runs."""
         super().maintain_heartbeats(job, execution)
-        self._reap_dead_spare()
+        self._drop_dead_spare()
 
-    def _reap_dead_spare(self) -> None:
-        """A spare that died waiting (killed, or failed to start) is reaped now, not at the next job,
-        which may be hours away: no zombie stays. The next job's hand-off forks a new one."""
-        spare = self._spare
-        if spare is None:
+    def _drop_dead_spare(self) -> None:
+        """A spare that died waiting (killed, or failed to start) is replaced now, not at the next job,
+        which may be hours away (its forker has reaped it: no zombie stays)."""
+        spare, forker = self._spare, self._forker
+        if spare is None or forker is None or not forker.ended(spare.pid):
             return
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(spare.pid, os.WNOHANG)[0] == 0:
-                return
         self.log.warning("Worker %s: pre-forked horse %s died waiting for a job", self.name, spare.pid)
         spare.close()
         self._spare = None
+        self._ensure_spare()
 
     def _start_horse(self, job: Job, queue: Queue) -> None:
         execution = self.execution  # type: ignore[attr-defined]
@@ -746,6 +731,7 @@ class PreforkHorseMixin(StarterMixin):
             horse.hand(message)
         except ConnectionError:
             self.log.warning("Worker %s: pre-forked horse %s died idle; forking one", self.name, horse.pid)
+            self._discard(horse)
             horse = self._fork_horse()
             horse.hand(message)
         self._horse = horse
@@ -761,15 +747,37 @@ class PreforkHorseMixin(StarterMixin):
             self.log.warning("Worker %s: could not pre-fork a horse: %s", self.name, exc)
 
     def _fork_horse(self) -> prefork.Horse:
-        return prefork.Horse.fork(self._wait_as_spare, self._run_handed_job)
+        """A horse from the forker; a new forker first if there is none yet, or it died (then every
+        horse it had died with it)."""
+        if self._forker is not None and self._forker.gone:
+            self.log.warning("Worker %s: horse forker %s died; forking another", self.name, self._forker.pid)
+            self._forker.close()
+            self._forker = None
+        if self._forker is None:
+            callbacks = (self._become_forker, self._wait_as_spare, self._run_handed_job)
+            self._forker = prefork.Forker.start(*callbacks)
+        return self._forker.spawn()
+
+    def _discard(self, horse: prefork.Horse) -> None:
+        """End a horse that will run no job of ours (it holds nothing: no job, no claim)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(horse.pid, signal.SIGKILL)
+        horse.close()
+        if self._forker is not None:
+            self._forker.forget(horse.pid)
 
     def _close_in_child(self) -> None:
-        """In any child of the worker (a horse, rq's scheduler): the worker's horse sockets are not its."""
-        for horse in (self._spare, self._horse):
-            if horse is not None:
-                horse.close()
-        self._spare = self._horse = None
-        self._reaper = None
+        """In any child of the worker (its forker, rq's scheduler, a horse): the worker's sockets to
+        its forker and horses are not its own."""
+        for held in (self._spare, self._horse, self._forker):
+            if held is not None:
+                held.sock.close()
+        self._spare = self._horse = self._forker = None
+
+    # --- in the forker -------------------------------------------------------------------------
+
+    def _become_forker(self) -> None:
+        self._set_title("horse forker")
 
     # --- in the horse --------------------------------------------------------------------------
 
@@ -921,6 +929,15 @@ def warm_client(url: str) -> None:
     codecs.lookup("idna")
 
 
+def _why_no_prefork(settings: Settings, worker_class: type[BaseWorker]) -> str | None:
+    if not forks_horses(worker_class):
+        return f"{settings.worker_class} does not fork a horse per job"
+    if settings.max_memory is not None:
+        # the horse forker shares the worker's pages for good: the worker's USS would not show them
+        return "RESQUE_STARTER_MAX_MEMORY needs the worker's memory unshared, and a horse forker shares it"
+    return None
+
+
 def build_worker(context: Context) -> StarterMixin:
     """The configured rq worker class with StarterMixin on top, on its own Redis connection."""
     settings = context.settings
@@ -928,11 +945,12 @@ def build_worker(context: Context) -> StarterMixin:
     if not (isinstance(user_class, type) and issubclass(user_class, BaseWorker)):
         raise TypeError(f"{settings.worker_class} is not an rq worker class")
     mixin: type[StarterMixin] = StarterMixin
-    if settings.prefork_horse and forks_horses(user_class):
-        mixin = PreforkHorseMixin
-    elif settings.prefork_horse:
-        log.info("worker[%s]: RESQUE_STARTER_PREFORK_HORSE ignored: %s does not fork a horse per job",
-                 context.label, settings.worker_class)  # fmt: skip
+    if settings.prefork_horse:
+        why_not = _why_no_prefork(settings, user_class)
+        if why_not is None:
+            mixin = PreforkHorseMixin
+        else:
+            log.info("worker[%s]: RESQUE_STARTER_PREFORK_HORSE ignored: %s", context.label, why_not)
     worker_class = type("StarterWorker", (mixin, user_class), {})
     assert settings.redis_url
     connection = redis.Redis.from_url(

@@ -157,8 +157,11 @@ def test_max_lifetime_waits_for_the_running_job(start: Start, conn: redis.Redis)
     assert registries(conn) == {"queued": [], "started": [], "failed": []}
 
 
-def test_ctl_mem_shows_every_process_and_the_saving(start: Start, conn: redis.Redis) -> None:
-    s = start(RESQUE_STARTER_APP="bigapp", RESQUE_STARTER_CONCURRENCY="3")
+@pytest.mark.parametrize("prefork", ["false", "true"])
+def test_ctl_mem_shows_every_process_and_the_saving(start: Start, conn: redis.Redis, prefork: str) -> None:
+    """With the pre-forked horse too, where horses are the children of each worker's horse forker."""
+    env = {"RESQUE_STARTER_CONCURRENCY": "3", "RESQUE_STARTER_PREFORK_HORSE": prefork}
+    s = start(RESQUE_STARTER_APP="bigapp", **env)
     workers = s.wait_workers(3)
     job = Queue(connection=conn).enqueue("testjobs.sleep_then_record", 30)
     horse = wait_for(

@@ -150,10 +150,11 @@ def test_a_worker_killed_mid_job_leaves_its_job_failed_with_a_reason(start, conn
     horse = busy[0]["horse_pid"]  # type: ignore[index]
     assert horse
     host_pid = _host_pid(s, worker["pid"])
-    expected = 2 if prefork == "true" else 1  # the horse, and the next one pre-forked while it runs
+    # pre-forked: the worker's horse forker, the horse, and the next one forked while it runs
+    expected = 3 if prefork == "true" else 1
 
     def horses() -> list[int] | None:
-        found = _children(host_pid)
+        found = descendants(host_pid)
         return found if len(found) == expected else None
 
     kids: list[int] = wait_for(horses, what="the worker's horses")  # type: ignore[assignment]
@@ -169,11 +170,6 @@ def test_a_worker_killed_mid_job_leaves_its_job_failed_with_a_reason(start, conn
     assert not zombies(s)
     s.wait_workers(1)
     assert worker["name"] not in {w["name"] for w in s.status()["workers"]}
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
 
 
 def _host_pid(s: Starter, ns_pid: int) -> int:

@@ -35,6 +35,7 @@ from worker_harness import (
 
 FORKING = pytest.mark.parametrize("worker_class", FORKING_CLASSES)
 SPARE_TITLE = "horse pre-forked, waiting for a job"
+FORKER_TITLE = "horse forker"
 
 
 @pytest.fixture
@@ -43,9 +44,21 @@ def start(redis_url: str, conn: redis.Redis) -> Iterator[Start]:
         yield start
 
 
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(kid) for kid in f.read().split()]
+    except OSError:
+        return []
+
+
+def forkers(worker: WorkerProcess) -> list[int]:
+    return [pid for pid in children(worker.pid) if FORKER_TITLE in _title(pid)]
+
+
 def spares(worker: WorkerProcess) -> list[int]:
-    with open(f"/proc/{worker.pid}/task/{worker.pid}/children") as f:
-        kids = [int(pid) for pid in f.read().split()]
+    """Horses waiting for a job: children of the worker's forker."""
+    kids = [pid for forker in forkers(worker) for pid in children(forker)]
     return [pid for pid in kids if SPARE_TITLE in _title(pid)]
 
 
@@ -217,12 +230,68 @@ def _ballast(worker: Any, slot: int) -> None:
     worker.ballast = bytes(range(256)) * (256 * 1024)  # 64 MiB of this worker's own, touched pages
 
 
-def test_max_memory_is_measured_with_no_spare_sharing_the_pages(start: Start) -> None:
-    """A spare shares the worker's pages, so while one exists the worker's USS hides them."""
+def test_max_memory_turns_it_off_so_the_worker_memory_is_its_own(
+    start: Start, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A horse forker shares the worker's pages for good, so the worker's USS would hide them."""
     worker = start(worker_class=PREFORK, max_memory=32 * 1024 * 1024, hooks=Hooks(after_fork=_ballast))
     worker.expect("ready")
     assert worker.expect("recycle")["reason"] == "max_memory"
     assert worker.wait() == 0
+    assert "RESQUE_STARTER_PREFORK_HORSE ignored: RESQUE_STARTER_MAX_MEMORY" in capfd.readouterr().err
+
+
+def test_the_worker_forks_once_its_forker_forks_every_horse(start: Start, conn: redis.Redis) -> None:
+    """After every fork, each page the forking process writes is copied again: the worker forks only
+    its forker, at start, and never again."""
+    queue = Queue("default", connection=conn)
+    worker = start(worker_class=PREFORK)
+    worker.expect("ready")
+    [forker] = wait_for(lambda: forkers(worker), what="the horse forker")  # type: ignore[misc]
+    for _ in range(3):
+        queue.enqueue("testjobs.record")
+        horse = worker.expect("busy")["horse"]
+        assert _parent(horse) == forker
+        worker.expect("idle")
+    assert children(worker.pid) == [forker]
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_forker_killed_mid_job_fails_the_job_as_rq_and_is_replaced(start: Start, conn: redis.Redis) -> None:
+    """Its horses die with it (PR_SET_PDEATHSIG): the running job fails as when rq's horse is killed,
+    and the worker forks a new forker for the next job."""
+    queue = Queue("default", connection=conn)
+    worker = start(worker_class=PREFORK)
+    worker.expect("ready")
+    [forker] = wait_for(lambda: forkers(worker), what="the horse forker")  # type: ignore[misc]
+    job = queue.enqueue("testjobs.sleep_then_record", 30)
+    horse = worker.expect("busy")["horse"]
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="the job to start")
+    os.kill(forker, signal.SIGKILL)
+    assert worker.expect("idle", timeout=15) == {"event": "idle", "done": 0, "failed": 1, "requeued": 0}
+    assert job.get_status() == JobStatus.FAILED
+    assert "Work-horse terminated unexpectedly" in latest_failure(job)
+    wait_for(lambda: gone(horse), what="the horse to die with its forker")
+    after = queue.enqueue("testjobs.record")
+    assert _parent(worker.expect("busy")["horse"]) not in (forker, worker.pid)
+    worker.expect("idle")
+    assert done_ids(conn) == [after.id]
+    assert_nothing_held(conn, queue, worker.name)
+
+
+def test_a_forker_killed_while_idle_is_replaced_before_any_job_comes(start: Start) -> None:
+    worker = start(worker_class=PREFORK)
+    worker.expect("ready")
+    [forker] = wait_for(lambda: forkers(worker), what="the horse forker")  # type: ignore[misc]
+    spare = one_spare(worker)
+    os.kill(forker, signal.SIGKILL)
+    wait_for(lambda: gone(spare), what="the spare to die with its forker")
+    wait_for(lambda: process_state(forker) is None, 5, what="the dead forker to be reaped")
+    wait_for(lambda: [f for f in forkers(worker) if f != forker] and spares(worker), 5, what="a new spare")
 
 
 def test_spec_paused_worker_keeps_no_job_but_its_spare(start: Start, conn: redis.Redis) -> None:
@@ -249,14 +318,14 @@ def _unix_peers() -> dict[int, int]:
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
 def test_the_scheduler_does_not_hold_the_spare_socket(start: Start, conn: redis.Redis) -> None:
-    """rq forks its scheduler after the first spare: the worker's end of the spare's socket stays its own."""
+    """rq forks its scheduler after the forker and the first spare: the worker's end of the spare's socket
+    stays its own."""
     worker = start(worker_class=PREFORK, spec=new_spec(scheduler=True))
     worker.expect("ready")
     spare = one_spare(worker)
 
     def scheduler() -> int | None:
-        with open(f"/proc/{worker.pid}/task/{worker.pid}/children") as f:
-            others = [int(p) for p in f.read().split() if int(p) != spare]
+        others = [pid for pid in children(worker.pid) if pid not in forkers(worker)]
         return others[0] if others else None
 
     pid = int(wait_for(scheduler, what="rq's scheduler process"))  # type: ignore[arg-type]
