@@ -59,6 +59,8 @@ def run_mold(settings: Settings, generation: int, sock: socket.socket, promoted:
             signal.signal(sig, signal.SIG_IGN)
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGCONT):
             signal.signal(sig, signal.SIG_DFL)
+        if not promoted:
+            hugepages.gather_heap()  # so that the app's memory can be collapsed into huge pages
         error = None if promoted else _preload(settings)
         if error is None and not promoted:
             _warm_worker_path(settings)
