@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -646,11 +647,11 @@ class PreforkHorseMixin(StarterMixin):
 
     At start the worker forks its forker (`prefork`), which forks each horse ahead of its job: the next
     one while the current job runs (or at start). A dequeued job is handed to the waiting horse by id;
-    it fetches the Job and the Execution fresh from Redis (as rq's SpawnWorker does) and runs rq's
-    main_work_horse. When perform_job returns it says so and exits, and the worker goes on at once. So
-    each job still gets its own process. The rest is rq's and StarterMixin's: monitor_work_horse
-    (heartbeats, the death of a horse, the timeout kill), kill_horse, the busy event with the horse's
-    pid, results, retries, registries.
+    it fetches the Job fresh from Redis (as rq's SpawnWorker does), rebuilds the Execution the worker
+    has just saved from the hand-off message, and runs rq's main_work_horse. When perform_job returns
+    it says so and exits, and the worker goes on at once. So each job still gets its own process. The
+    rest is rq's and StarterMixin's: monitor_work_horse (heartbeats, the death of a horse, the timeout
+    kill), kill_horse, the busy event with the horse's pid, results, retries, registries.
     """
 
     _forker: prefork.Forker | None = None
@@ -725,7 +726,8 @@ class PreforkHorseMixin(StarterMixin):
         execution = self.execution  # type: ignore[attr-defined]
         os.environ["RQ_WORKER_ID"] = self.name
         os.environ["RQ_JOB_ID"] = job.id
-        message = json.dumps([job.id, execution.id, queue.name]).encode()
+        times = [execution.created_at.timestamp(), execution.last_heartbeat.timestamp()]
+        message = json.dumps([job.id, execution.id, queue.name, *times]).encode()
         horse, self._spare = self._spare or self._fork_horse(), None
         try:
             horse.hand(message)
@@ -793,11 +795,14 @@ class PreforkHorseMixin(StarterMixin):
             self.connection.ping()
 
     def _run_handed_job(self, message: bytes, report_done: Callable[[], None]) -> None:
-        job_id, execution_id, queue_name = json.loads(message)
+        job_id, execution_id, queue_name, created_at, last_heartbeat = json.loads(message)
         os.environ["RQ_WORKER_ID"] = self.name
         os.environ["RQ_JOB_ID"] = job_id
         job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
-        execution = Execution.fetch(execution_id, job_id, connection=self.connection)
+        # the execution the worker has just saved, as Execution.fetch would restore it, without the fetch
+        execution = Execution(execution_id, job_id, self.connection, worker_name=self.name)
+        execution.created_at = datetime.fromtimestamp(created_at, tz=UTC)
+        execution.last_heartbeat = datetime.fromtimestamp(last_heartbeat, tz=UTC)
         execution._job = job
         self.executions = {execution.id: execution}
         queue = next(q for q in self.queues if q.name == queue_name)
