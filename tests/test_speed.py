@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ import redis
 from resque_starter import hugepages
 from resque_starter.worker import Context, Controls, build_worker
 
-from starter import ROOT, Starter, base_env
+from starter import ROOT, Starter
 from worker_harness import make_settings, new_spec
 
 
@@ -90,18 +90,9 @@ def test_a_gathered_heap_is_collapsed_into_huge_pages_for_little_memory() -> Non
     assert _build_and_collapse(gather=False)[0] < collapsed
 
 
-@pytest.fixture
-def starter(redis_url: str, run_dir: str) -> Iterator[list[Starter]]:
-    started: list[Starter] = []
-    yield started
-    for s in started:
-        s.stop()
-
-
 @needs_collapse
-def test_the_mold_keeps_the_app_on_huge_pages(starter: list[Starter], redis_url: str, run_dir: str) -> None:
-    s = Starter(base_env(redis_url, run_dir, RESQUE_STARTER_APP="bigapp", RESQUE_STARTER_CONCURRENCY="1"))
-    starter.append(s)
+def test_the_mold_keeps_the_app_on_huge_pages(start: Callable[..., Starter]) -> None:
+    s = start(RESQUE_STARTER_APP="bigapp", RESQUE_STARTER_CONCURRENCY="1")
     s.wait_workers(1)
     mold = s.status()["molds"][0]["pid"]
     assert anon_huge_bytes(mold) >= 20 * 2**20  # of bigapp's 40 MB
