@@ -10,8 +10,9 @@ stay as compact as the mold left them (huge pages, see `hugepages`).
 
 Each horse is forked while the previous job runs (or while the worker waits for one) and waits on a
 socket whose other end the worker holds; the worker hands it the job there. When the job is over the
-horse says so before it exits, so the worker goes on while the kernel tears the horse down. A horse that
-exits without saying so (killed, crashed) is reaped by the forker, which sends its wait status on.
+horse reports, in one message, before it exits, so the worker goes on while the kernel tears the horse
+down. A horse that exits without reporting (killed, crashed) is reaped by the forker, which sends its
+wait status on.
 
 A horse leads its own process group from its first instruction, and dies with its forker, the forker with
 its worker (PR_SET_PDEATHSIG); a horse still waiting for a job exits 0 when its socket reaches EOF.
@@ -26,7 +27,7 @@ import pickle
 import select
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,6 @@ from resque_starter import orphans
 
 log = logging.getLogger("resque_starter.prefork")
 
-DONE = b"done"
 FORK = b"fork"
 MAX_MESSAGE = 65536  # a job id, an execution id and a queue name; rq does not bound their length
 # What a horse killed with its forker (PR_SET_PDEATHSIG) reports to wait4: killed by SIGKILL.
@@ -45,7 +45,8 @@ _FORKER_IGNORES = (
 )  # fmt: skip
 
 OnStart = Callable[[], None]
-OnJob = Callable[[bytes, Callable[[], None]], None]
+Report = Callable[[bytes], None]
+OnJob = Callable[[bytes, Report], None]
 
 
 class ForkerGone(ConnectionError):
@@ -58,6 +59,7 @@ class Horse:
 
     pid: int
     sock: socket.socket
+    report: bytes | None = None  # its one message back, once read
 
     def hand(self, message: bytes) -> None:
         """Send the horse its job. Raises ConnectionError if it died waiting."""
@@ -86,7 +88,7 @@ class Forker:
     @classmethod
     def start(cls, on_ready: OnStart, on_start: OnStart, on_job: OnJob) -> Forker:
         """Fork the forker. In it: death with this process, `on_ready()`, then a horse per request, each
-        running `on_start()`, then `on_job(message, report_done)` once handed a job (see `_serve`)."""
+        running `on_start()`, then `on_job(message, report)` once handed a job (see `_serve`)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent = os.getpid()
         pid = os.fork()
@@ -117,24 +119,26 @@ class Forker:
             raise result
         return Horse(result, ours)
 
-    def wait(self, horse: Horse) -> tuple[bool, int, Any]:
-        """Until the horse reports its job done, (True, 0, None), or ends without that, (False, wait
-        status, rusage). A signal handler that raises (rq's monitor timeout) interrupts the wait and
-        loses nothing: a second call goes on where the first one stopped."""
+    def wait(self, horse: Horse) -> tuple[bytes | None, int, Any]:
+        """Until the horse reports, (its report, 0, None), or ends without that, (None, wait status,
+        rusage). A signal handler that raises (rq's monitor timeout) interrupts the wait and loses
+        nothing: a second call goes on where the first one stopped, and returns the same report."""
         watched = [horse.sock, self.sock]
-        while horse.pid not in self._exits:
-            if self.gone:
-                return False, KILLED, None
-            readable = select.select(watched, [], [])[0]
+        while horse.report is None:
+            settled = horse.pid in self._exits or self.gone  # no more news of it from the forker
+            readable = select.select(watched, [], [], 0 if settled else None)[0]
             if horse.sock in readable:
-                if _recv(horse.sock) == DONE:
-                    self.forget(horse.pid)
-                    return True, os.EX_OK, None
-                watched.remove(horse.sock)  # EOF: it died; its status comes from the forker
+                if not self._read_report(horse):
+                    watched.remove(horse.sock)  # EOF: it died; its status comes from the forker
+                continue
+            if settled:
+                if horse.pid not in self._exits:
+                    return None, KILLED, None
+                status, rusage = self._exits.pop(horse.pid)
+                return None, status, rusage
             if self.sock in readable:
                 self._receive(block=False)
-        status, rusage = self._exits.pop(horse.pid)
-        return False, status, rusage
+        return horse.report, os.EX_OK, None
 
     def ended(self, pid: int) -> bool:
         """Whether the horse has ended (without a job: a dead spare); reads the forker's news first."""
@@ -155,11 +159,19 @@ class Forker:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
 
+    def _read_report(self, horse: Horse) -> bool:
+        """Read the horse's report, if it sent one before its socket closed (SIGALRM as in `_receive`)."""
+        with _alarm_held():
+            report = _recv(horse.sock)
+            if report:
+                horse.report = report
+                self.forget(horse.pid)
+        return bool(report)
+
     def _receive(self, block: bool) -> None:
         """Read the forker's messages: what each fork gave, and how each horse ended. SIGALRM, whose
         handler raises in rq's monitor, waits until a message read is also recorded."""
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-        try:
+        with _alarm_held():
             while not self.gone:
                 if not (block or select.select([self.sock], [], [], 0)[0]):
                     return
@@ -169,8 +181,6 @@ class Forker:
                     return
                 self._record(pickle.loads(data))
                 block = False
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _record(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -182,6 +192,15 @@ class Forker:
             self._forgotten.discard(message[1])
         else:
             self._exits[message[1]] = (message[2], message[3])
+
+
+@contextlib.contextmanager
+def _alarm_held() -> Iterator[None]:
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _recv(sock: socket.socket) -> bytes:
@@ -285,7 +304,7 @@ class _Forker:  # pragma: no cover - runs in the forker
 
 def _serve(parent: int, sock: socket.socket, on_start: OnStart, on_job: OnJob) -> None:  # pragma: no cover
     """A horse's whole life: wait for the job, run it, exit 0 (1 if a callback raised; rq's
-    main_work_horse, which on_job ends in, exits by itself)."""
+    main_work_horse, which on_job ends in, exits by itself). Its one report must not be empty."""
     code = 1
     try:
         os.setpgrp()
@@ -294,11 +313,11 @@ def _serve(parent: int, sock: socket.socket, on_start: OnStart, on_job: OnJob) -
         message = sock.recv(MAX_MESSAGE)
         if message:
 
-            def report_done() -> None:
+            def report(news: bytes) -> None:
                 with contextlib.suppress(OSError):
-                    sock.send(DONE, socket.MSG_NOSIGNAL)
+                    sock.send(news, socket.MSG_NOSIGNAL)
 
-            on_job(message, report_done)
+            on_job(message, report)
         code = 0
     except BaseException:
         log.exception("pre-forked horse %d failed", os.getpid())

@@ -19,7 +19,8 @@ user's), which changes four things:
   class, so what it loads lazily stays here; asked to, the worker then becomes the next mold.
 
 With prefork_horse and a class that forks per job, `PreforkHorseMixin` (over StarterMixin) forks each
-horse ahead of its job and reaps it after, both off the job's path (the process side is `prefork`).
+horse ahead of its job and reaps it after, both off the job's path, and keeps rq's Redis bookkeeping out
+of the horse where it can (the process side is `prefork`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import codecs
 import contextlib
 import dataclasses
 import gc
-import json
+import io
 import logging
 import os
+import pickle
 import random
 import select
 import signal
@@ -38,9 +40,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -49,14 +49,15 @@ from redis.driver_info import DriverInfo
 from rq.command import parse_payload
 from rq.exceptions import NoSuchJobError, StopRequested
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, Retry
 from rq.queue import Queue
+from rq.serializers import DefaultSerializer, JSONSerializer
 from rq.utils import as_text, import_attribute, now
 from rq.worker import BaseWorker, DequeueStrategy, WorkerStatus
 from rq.worker import Worker as ForkingWorker
 from setproctitle import setproctitle
 
-from resque_starter import prefork, protocol, recovery
+from resque_starter import orphans, prefork, protocol, recovery
 from resque_starter.config import Settings, mask_url
 from resque_starter.protocol import WorkerSpec
 
@@ -84,6 +85,10 @@ KILL_JOB = "kill"
 QUICK_STOP_REASON = "resque-starter: interrupted by shutdown (quick stop, SIGINT)"
 KILL_JOB_REASON = "resque-starter: job killed by SIGUSR1"
 LEFTOVER_REASON = "resque-starter: the worker stopped with this job unfinished"
+# Handed to a pre-forked horse as datetimes: restoring them from text would run strptime, pure Python
+# that in a fresh horse copies dozens of pages.
+_JOB_DATES = ("created_at", "enqueued_at", "started_at", "ended_at", "last_heartbeat")
+DONE = b"done"  # a pre-forked horse's report when it finished its job the rq way, to the end
 
 # Signals whose handlers a fork may have inherited from the supervisor, the mold or pytest.
 _RESET_SIGNALS = (
@@ -183,6 +188,7 @@ class Context:
     label: str = ""
     deadline: float | None = None
     promote_to: int | None = None  # the generation whose mold the supervisor asked this worker to be
+    pid: int = field(default_factory=os.getpid)  # the worker's, in every fork of it
     _inbox: protocol.LineBuffer = field(default_factory=protocol.LineBuffer, repr=False)
     _released: bool = field(default=False, repr=False)
 
@@ -209,11 +215,15 @@ class Context:
         return f"resque-starter: worker[{self.label}] gen={self.spec.generation} {state}"
 
     def close_in_child(self) -> None:
-        """os.register_at_fork hook: the horse or scheduler must not hold our socket or handlers."""
+        """os.register_at_fork hook, in each child of the worker (its horse forker, rq's horse or
+        scheduler): our socket and handlers are not its own, and it dies with the worker. rq's scheduler
+        would outlive a killed worker holding the worker's Redis connections open, and a claim the worker
+        had waiting could then still move a job into the dead worker's list after its recovery."""
         if self._released:
             return  # a fork of a fork: already done in its parent
         self.status.close()
         self.release()
+        orphans.die_with_parent(self.pid)
 
     def release(self) -> None:
         """Give up the signal handlers and wakeup pipe for good (a fork, or a worker promoted to mold):
@@ -501,7 +511,7 @@ class StarterMixin:
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         super().prepare_job_execution(job, remove_from_intermediate_queue)
-        if not self.is_horse:  # SimpleWorker: the job runs in this process from here on
+        if not self.is_horse and not self._forks:  # SimpleWorker: the job runs in this process from here on
             self._performing = True
             kind = self._interrupts.get(job.id)
             if kind:
@@ -642,22 +652,29 @@ class StarterMixin:
 
 
 class PreforkHorseMixin(StarterMixin):
-    """RESQUE_STARTER_PREFORK_HORSE over rq.Worker: no fork, and no exit, on the job's path, and no fork
-    in the worker at all.
+    """RESQUE_STARTER_PREFORK_HORSE over rq.Worker: no fork, and no exit, on the job's path, no fork in
+    the worker at all, and in the horse little but the job.
 
     At start the worker forks its forker (`prefork`), which forks each horse ahead of its job: the next
-    one while the current job runs (or at start). A dequeued job is handed to the waiting horse by id;
-    it fetches the Job fresh from Redis (as rq's SpawnWorker does), rebuilds the Execution the worker
-    has just saved from the hand-off message, and runs rq's main_work_horse. When perform_job returns
-    it says so and exits, and the worker goes on at once. So each job still gets its own process. The
-    rest is rq's and StarterMixin's: monitor_work_horse (heartbeats, the death of a horse, the timeout
+    one while the current job runs (or at start). The worker prepares a dequeued job as rq's horse would
+    first thing (heartbeats, started status) and hands the job itself to the waiting horse, as the worker
+    holds it, the way rq's horse inherits it by fork (too large for one message, by id: the horse fetches
+    it). The horse rebuilds the Execution the worker has just saved and runs rq's main_work_horse. A job
+    that returns a value the worker can save as it is (`_hand_back`) ends there: the horse sends the value
+    back and exits, and the worker saves it through rq's own _finalize_success. Every other ending (an
+    exception, a callback, a Retry, a value of the app's classes) the horse finishes itself, the rq way,
+    and says so. Why: a fresh process pays for every page it writes, and Python writes every object it
+    touches (reference counts), so rq's Redis bookkeeping cost most of a horse's time; the worker's pages
+    are its own. Each job still gets its own process, and a horse whose job needs no Redis never connects.
+    The rest is rq's and StarterMixin's: monitor_work_horse (heartbeats, the death of a horse, the timeout
     kill), kill_horse, the busy event with the horse's pid, results, retries, registries.
     """
 
     _forker: prefork.Forker | None = None
     _spare: prefork.Horse | None = None  # forked, waiting for a job
     _horse: prefork.Horse | None = None  # running the current job
-    _report_done: Callable[[], None] | None = None  # in a horse
+    _report: prefork.Report | None = None  # in a horse: the one message back to the worker
+    _handed_back: bytes | None = None  # in the worker: the horse's return value, to finish the job with
     _horse_pid: int
     _is_horse: bool
 
@@ -669,26 +686,63 @@ class PreforkHorseMixin(StarterMixin):
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
         self._ensure_spare()  # while the horse runs the job
         super().monitor_work_horse(job, queue, execution)  # type: ignore[misc]
+        payload, self._handed_back = self._handed_back, None
+        if payload is not None:
+            serialized, job.started_at = pickle.loads(payload)
+            self._finalize_success(job, queue, execution, job.serializer.loads(serialized))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         super().execute_job(job, queue)
         self._ensure_spare()
 
     def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
-        """rq waits for the horse's exit; a horse that reported its job done counts as exited 0."""
+        """rq waits for the horse's exit; a horse that reported counts as exited 0. Its report is DONE, or
+        the job's return value, for the worker to save (see monitor_work_horse)."""
         horse, forker = self._horse, self._forker
         if horse is None or forker is None:
             return None, None, None
-        _done, status, rusage = forker.wait(horse)
+        report, status, rusage = forker.wait(horse)
+        if report is not None and report != DONE:
+            self._handed_back = report
         self._horse = None
         horse.close()
         return horse.pid, status, rusage
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         finished = super().perform_job(job, queue, execution)  # type: ignore[misc]
-        if self._report_done is not None:
-            self._report_done()
+        if self._report is not None:
+            self._report(DONE)
         return finished
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        if not self.is_horse:  # a horse's job was prepared by the worker before it was handed over
+            super().prepare_job_execution(job, remove_from_intermediate_queue)
+
+    def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
+        """In a horse: hand the return value back to the worker, which saves it and does the rest of rq's
+        bookkeeping, when nothing of that runs user code; otherwise (and in the worker) rq's own."""
+        payload = self._hand_back(job, return_value) if self._report is not None else None
+        if payload is None:
+            super()._finalize_success(job, queue, execution, return_value)  # type: ignore[misc]
+            return
+        report, self._report = self._report, None
+        report(payload)
+
+    @staticmethod
+    def _hand_back(job: Job, return_value: Any) -> bytes | None:
+        """The return value serialized as the worker is to save it, if the worker can finish the job: no
+        callback or webhook to run, no Retry to act on, a value the worker can load without importing
+        or running any code of the app's, and small enough for one message."""
+        if isinstance(return_value, Retry) or job.success_callback or job.webhooks:
+            return None
+        try:
+            serialized = job.serializer.dumps(return_value)
+        except Exception:  # rq saves UNSERIALIZABLE_RETURN_VALUE_PAYLOAD instead: its own path
+            return None
+        payload = pickle.dumps((serialized, job.started_at))
+        if len(payload) > prefork.MAX_MESSAGE or not _plain(job.serializer, serialized):
+            return None
+        return payload
 
     def teardown(self) -> None:
         if not self.is_horse:
@@ -726,8 +780,8 @@ class PreforkHorseMixin(StarterMixin):
         execution = self.execution  # type: ignore[attr-defined]
         os.environ["RQ_WORKER_ID"] = self.name
         os.environ["RQ_JOB_ID"] = job.id
-        times = [execution.created_at.timestamp(), execution.last_heartbeat.timestamp()]
-        message = json.dumps([job.id, execution.id, queue.name, *times]).encode()
+        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+        message = self._hand_off(job, queue, execution)
         horse, self._spare = self._spare or self._fork_horse(), None
         try:
             horse.hand(message)
@@ -739,6 +793,18 @@ class PreforkHorseMixin(StarterMixin):
         self._horse = horse
         self._horse_pid = horse.pid
         self.procline(f"Handed {job.id} to horse {horse.pid}")
+
+    def _hand_off(self, job: Job, queue: Queue, execution: Execution) -> bytes:
+        """What the horse needs to run the job: the job as the worker holds it now (as rq's horse inherits
+        it), or, too large for one message, its id to fetch it by."""
+        encode = self.connection.get_encoder().encode
+        times = (execution.created_at, execution.last_heartbeat)
+        saved = {key.encode(): encode(value) for key, value in job.to_dict().items() if key not in _JOB_DATES}
+        dates = {name: getattr(job, name) for name in _JOB_DATES}
+        message = pickle.dumps((job.id, (saved, dates), execution.id, queue.name, times))
+        if len(message) <= prefork.MAX_MESSAGE:
+            return message
+        return pickle.dumps((job.id, None, execution.id, queue.name, times))
 
     def _ensure_spare(self) -> None:
         if self._spare is not None or self._controls.stop:
@@ -791,24 +857,46 @@ class PreforkHorseMixin(StarterMixin):
         self.executions = {}
         self.setup_work_horse_signals()  # type: ignore[attr-defined]
         self._set_title("horse pre-forked, waiting for a job")
-        with contextlib.suppress(redis.exceptions.RedisError):
-            self.connection.ping()
 
-    def _run_handed_job(self, message: bytes, report_done: Callable[[], None]) -> None:
-        job_id, execution_id, queue_name, created_at, last_heartbeat = json.loads(message)
+    def _run_handed_job(self, message: bytes, report: prefork.Report) -> None:
+        job_id, saved, execution_id, queue_name, times = pickle.loads(message)
         os.environ["RQ_WORKER_ID"] = self.name
         os.environ["RQ_JOB_ID"] = job_id
-        job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
+        if saved is None:
+            job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
+        else:
+            job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
+            fields, dates = saved
+            job.restore(fields)
+            for name, value in dates.items():
+                setattr(job, name, value)
         # the execution the worker has just saved, as Execution.fetch would restore it, without the fetch
         execution = Execution(execution_id, job_id, self.connection, worker_name=self.name)
-        execution.created_at = datetime.fromtimestamp(created_at, tz=UTC)
-        execution.last_heartbeat = datetime.fromtimestamp(last_heartbeat, tz=UTC)
+        execution.created_at, execution.last_heartbeat = times
         execution._job = job
         self.executions = {execution.id: execution}
         queue = next(q for q in self.queues if q.name == queue_name)
         self._running = Running(job.id, _func_name(job), queue.name, time.time())
-        self._report_done = report_done
+        self._report = report
         self.main_work_horse(job, queue)  # type: ignore[attr-defined]
+
+
+class _BuiltinsOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name} is not a builtin value")
+
+
+def _plain(serializer: Any, serialized: bytes) -> bool:
+    """Whether loading the value imports and runs nothing: JSON, or a pickle of builtin values."""
+    if serializer is JSONSerializer:
+        return True
+    if serializer is not DefaultSerializer:
+        return False
+    try:
+        _BuiltinsOnly(io.BytesIO(serialized)).load()
+    except pickle.UnpicklingError:
+        return False
+    return True
 
 
 def forks_horses(worker_class: type[BaseWorker]) -> bool:

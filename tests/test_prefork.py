@@ -14,12 +14,16 @@ from typing import Any
 
 import pytest
 import redis
-from rq import Queue, Retry
-from rq.job import Job, JobStatus
+from rq import Callback, Queue, Retry
+from rq import Worker as RqWorker
+from rq.job import UNSERIALIZABLE_RETURN_VALUE_PAYLOAD, Job, JobStatus
+from rq.registry import FinishedJobRegistry
+from rq.results import Result
 from test_worker import assert_nothing_held, done_ids, latest_failure
 
 from resque_starter.config import Hooks
 
+import testjobs
 from conftest import wait_for
 from starter import process_state
 from worker_harness import (
@@ -337,3 +341,148 @@ def test_the_scheduler_does_not_hold_the_spare_socket(start: Start, conn: redis.
     assert worker.expect("busy", timeout=15)["horse"] == spare
     worker.expect("idle")
     assert done_ids(conn) == [job.id]
+
+
+@FORKING
+def test_a_killed_worker_takes_its_scheduler_with_it(
+    start: Start, conn: redis.Redis, worker_class: str
+) -> None:
+    """rq's scheduler, a fork of the worker, holds the worker's Redis connections: had it outlived the
+    worker, the claim the worker was blocked in would have moved the next job into a dead worker's list."""
+    worker = start(worker_class=worker_class, spec=new_spec(scheduler=True))
+    worker.expect("ready")
+
+    def scheduler() -> int | None:
+        others = [pid for pid in children(worker.pid) if pid not in forkers(worker)]
+        return others[0] if others else None
+
+    def claiming() -> bool:
+        return any(c.get("cmd") == "blmove" for c in conn.client_list())
+
+    pid = int(wait_for(scheduler, what="rq's scheduler process"))  # type: ignore[arg-type]
+    wait_for(claiming, what="the worker to block waiting for a job")
+    worker.kill()
+    wait_for(lambda: gone(pid), what="the scheduler to die with its worker")
+    wait_for(lambda: not claiming(), what="Redis to see the claim's connection closed")
+    queue = Queue("default", connection=conn)
+    job = queue.enqueue("testjobs.record")
+    assert queue.get_job_ids() == [job.id]
+    assert conn.keys("rq:resque-starter:claim:*") == []
+
+
+# --- what the horse hands back, and what it finishes itself: the same outcome as rq.Worker's horse ------
+
+
+def ready(start: Start, conn: redis.Redis, worker_class: str) -> tuple[WorkerProcess, Queue]:
+    worker = start(worker_class=worker_class)
+    worker.expect("ready")
+    return worker, Queue("default", connection=conn)
+
+
+def run_one(worker: WorkerProcess, queue: Queue, func: str, *args: Any, **options: Any) -> tuple[Job, int]:
+    """Enqueue one job, wait until the worker is idle again: the job, fetched afresh, and its horse."""
+    job = queue.enqueue(func, *args, **options)
+    horse = worker.expect("busy")["horse"]
+    worker.expect("idle")
+    return Job.fetch(job.id, connection=queue.connection), horse
+
+
+@FORKING
+@pytest.mark.parametrize(
+    "func, expected",
+    [
+        ("testjobs.plain_result", testjobs.PLAIN),
+        ("testjobs.rich_result", testjobs.rich_result()),
+        ("testjobs.big_result", testjobs.BIG),
+        ("testjobs.unpicklable_result", UNSERIALIZABLE_RETURN_VALUE_PAYLOAD),
+    ],
+    ids=["builtins", "classes", "large", "unpicklable"],
+)
+def test_return_values_are_saved_as_in_rq(
+    start: Start, conn: redis.Redis, worker_class: str, func: str, expected: object
+) -> None:
+    worker, queue = ready(start, conn, worker_class)
+    job, _horse = run_one(worker, queue, func)
+    assert job.get_status() == JobStatus.FINISHED
+    assert job.return_value() == expected
+    result = job.latest_result()
+    assert result is not None and result.type == Result.Type.SUCCESSFUL
+    assert result.worker_name == worker.name and result.execution_id
+    assert job.started_at is not None and job.ended_at is not None and job.started_at <= job.ended_at
+    assert FinishedJobRegistry(queue=queue).get_job_ids() == [job.id]
+    assert_nothing_held(conn, queue, worker.name)
+    [rq_worker] = RqWorker.all(connection=conn)
+    assert (rq_worker.successful_job_count, rq_worker.failed_job_count) == (1, 0)
+    assert rq_worker.total_working_time > 0
+
+
+@FORKING
+def test_the_job_sees_itself_as_in_rq(start: Start, conn: redis.Redis, worker_class: str) -> None:
+    """Small jobs come with the hand-off, large ones the horse fetches: the same job either way."""
+    worker, queue = ready(start, conn, worker_class)
+    job, horse = run_one(worker, queue, "testjobs.describe", job_timeout=77)
+    seen = job.return_value()
+    assert seen == {
+        "id": job.id,
+        "origin": "default",
+        "func_name": "testjobs.describe",
+        "args": (),
+        "timeout": 77,
+        "created_at": job.created_at,
+        "enqueued_at": job.enqueued_at,
+        "started_at": job.started_at,
+        "status": JobStatus.STARTED,
+    }
+    assert job.get_meta()["seen_by"] == horse
+    big, _horse = run_one(worker, queue, "testjobs.length", testjobs.BIG)
+    assert big.return_value() == len(testjobs.BIG)
+
+
+@FORKING
+def test_a_returned_retry_and_callbacks_run_as_in_rq(
+    start: Start, conn: redis.Redis, worker_class: str
+) -> None:
+    worker, queue = ready(start, conn, worker_class)
+    callback = Callback("testjobs.callback_pid")
+    job, horse = run_one(worker, queue, "testjobs.pid", on_success=callback)
+    assert job.get_status() == JobStatus.FINISHED
+    assert conn.lrange(f"testjobs:callback:{job.id}", 0, -1) == [str(horse).encode()], "in the horse"
+    job, horse = run_one(worker, queue, "testjobs.fail", on_failure=callback)
+    assert job.get_status() == JobStatus.FAILED
+    assert conn.lrange(f"testjobs:callback:{job.id}", 0, -1) == [str(horse).encode()]
+
+    retried = queue.enqueue("testjobs.retry_once")
+    for _ in range(2):
+        worker.expect("busy")
+        worker.expect("idle")
+    assert retried.get_status() == JobStatus.FINISHED
+    assert retried.return_value() == "second run"
+
+    first = queue.enqueue("testjobs.noop")
+    dependent = queue.enqueue("testjobs.record", depends_on=first)
+    ran = []
+    for _ in range(2):
+        ran.append(worker.expect("busy")["job"])
+        worker.expect("idle")
+    assert ran == [first.id, dependent.id], "the dependent is enqueued when its dependency finishes"
+    assert dependent.get_status() == JobStatus.FINISHED
+    assert_nothing_held(conn, queue, worker.name)
+
+
+def test_a_horse_whose_job_needs_no_redis_opens_no_connection(start: Start, conn: redis.Redis) -> None:
+    """The worker prepares the job and saves a plain result: its horse runs only the job. A horse that
+    uses Redis (here, a job that does) connects as rq's does, which shows the count would see it."""
+    worker, queue = ready(start, conn, PREFORK)
+    one_spare(worker)
+
+    def connections() -> int:
+        return int(conn.info("stats")["total_connections_received"])
+
+    before = connections()
+    for _ in range(3):
+        job, _horse = run_one(worker, queue, "testjobs.noop")
+        assert job.return_value() == "ok"
+    assert connections() == before
+    job, _horse = run_one(worker, queue, "testjobs.record")
+    assert job.return_value() == "recorded"
+    assert connections() == before + 1

@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from datetime import date
 
-from rq import Queue, Worker, get_current_job
+from rq import Queue, Retry, Worker, get_current_job
 from rq.job import Job
 
 
@@ -98,3 +100,60 @@ def collect() -> int:
 
     _record("done")
     return gc.collect()
+
+
+# --- return values, callbacks and retries: what a pre-forked horse hands back, or finishes itself -----
+
+PLAIN = {"ints": [1, 2**70], "float": 2.5, "text": "ü", "bytes": b"\x00\xff", "none": None, "set": {True}}
+BIG = "x" * 100_000  # more than one hand-off message holds
+
+
+@dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+def plain_result() -> dict[str, object]:
+    return PLAIN
+
+
+def rich_result() -> tuple[Point, date]:
+    """Loading it imports and builds classes: the horse that made it saves it."""
+    return Point(1, 2), date(2026, 11, 27)
+
+
+def big_result() -> str:
+    return BIG
+
+
+def unpicklable_result() -> object:
+    return lambda: None
+
+
+def length(data: str) -> int:
+    return len(data)
+
+
+def describe() -> dict[str, object]:
+    """The job as the code running it sees it (rq.get_current_job), after saving some meta."""
+    job = get_current_job()
+    assert job is not None
+    job.meta["seen_by"] = os.getpid()
+    job.save_meta()
+    fields = ("id", "origin", "func_name", "args", "timeout", "created_at", "enqueued_at", "started_at")
+    return {name: getattr(job, name) for name in fields} | {"status": job.get_status(refresh=False)}
+
+
+def retry_once() -> object:
+    """Returns an rq Retry on its first run, a value on its second."""
+    job = get_current_job()
+    assert job is not None
+    if job.connection.incr(f"testjobs:runs:{job.id}") == 1:
+        return Retry(max=1)
+    return "second run"
+
+
+def callback_pid(job: Job, connection: object, result: object, *args: object) -> None:
+    """An on_success / on_failure callback: records which process ran it."""
+    job.connection.rpush(f"testjobs:callback:{job.id}", os.getpid())
