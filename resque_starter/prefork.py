@@ -55,10 +55,12 @@ class ForkerGone(ConnectionError):
 
 @dataclass
 class Horse:
-    """The worker's side of one pre-forked horse: its pid, and the socket its job goes down."""
+    """The worker's side of one pre-forked horse: the socket its job goes down, and, once the forker has
+    answered (`Forker.ready`), its pid or why it could not be forked."""
 
-    pid: int
     sock: socket.socket
+    pid: int = 0
+    error: OSError | None = None
     report: bytes | None = None  # its one message back, once read
 
     def hand(self, message: bytes) -> None:
@@ -82,7 +84,7 @@ class Forker:
     sock: socket.socket
     _exits: dict[int, tuple[int, Any]] = field(default_factory=dict)  # pid -> (wait status, rusage)
     _forgotten: set[int] = field(default_factory=set)  # horses whose exit status nobody will ask for
-    _forked: list[int | OSError] = field(default_factory=list)
+    _asked: list[Horse] = field(default_factory=list)  # not yet answered, in the order asked for
     gone: bool = False
 
     @classmethod
@@ -99,25 +101,30 @@ class Forker:
         return cls(pid, ours)
 
     def spawn(self) -> Horse:
-        """A new horse, waiting for its job. Raises OSError if the fork failed, ForkerGone."""
+        """Ask for a new horse, without waiting for the fork (`ready` does): the worker goes on with its
+        job meanwhile. Raises ForkerGone."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             socket.send_fds(self.sock, [FORK], [theirs.fileno()])
         except OSError as exc:
             ours.close()
+            self.gone = True
             raise ForkerGone(f"forker {self.pid} is gone") from exc
         finally:
             theirs.close()
-        while not self._forked:
+        horse = Horse(ours)
+        self._asked.append(horse)
+        return horse
+
+    def ready(self, horse: Horse) -> None:
+        """Until the horse is forked. Raises OSError if the fork failed, ForkerGone."""
+        while not horse.pid and horse.error is None and not self.gone:
             self._receive(block=True)
-            if self.gone and not self._forked:
-                ours.close()
-                raise ForkerGone(f"forker {self.pid} is gone")
-        result = self._forked.pop(0)
-        if isinstance(result, OSError):
-            ours.close()
-            raise result
-        return Horse(result, ours)
+        if horse.error is None and not horse.pid:
+            horse.error = ForkerGone(f"forker {self.pid} is gone")
+        if horse.error is not None:
+            horse.close()
+            raise horse.error
 
     def wait(self, horse: Horse) -> tuple[bytes | None, int, Any]:
         """Until the horse reports, (its report, 0, None), or ends without that, (None, wait status,
@@ -140,11 +147,12 @@ class Forker:
                 self._receive(block=False)
         return horse.report, os.EX_OK, None
 
-    def ended(self, pid: int) -> bool:
-        """Whether the horse has ended (without a job: a dead spare); reads the forker's news first."""
+    def ended(self, horse: Horse) -> bool:
+        """Whether the horse has ended, or could not be forked (a spare lost without a job); reads the
+        forker's news first."""
         self._receive(block=False)
-        if pid in self._exits or self.gone:
-            self._exits.pop(pid, None)
+        if horse.pid in self._exits or horse.error is not None or self.gone:
+            self._exits.pop(horse.pid, None)
             return True
         return False
 
@@ -185,9 +193,12 @@ class Forker:
     def _record(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "forked":
-            self._forked.append(message[1])
+            horse = self._asked.pop(0)
+            horse.pid = message[1]
+            if horse.sock.fileno() == -1:  # discarded before its fork was answered: it exits on EOF
+                self._forgotten.add(horse.pid)
         elif kind == "failed":
-            self._forked.append(OSError(message[1], os.strerror(message[1])))
+            self._asked.pop(0).error = OSError(message[1], os.strerror(message[1]))
         elif message[1] in self._forgotten:
             self._forgotten.discard(message[1])
         else:

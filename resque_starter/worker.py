@@ -769,9 +769,10 @@ class PreforkHorseMixin(StarterMixin):
         """A spare that died waiting (killed, or failed to start) is replaced now, not at the next job,
         which may be hours away (its forker has reaped it: no zombie stays)."""
         spare, forker = self._spare, self._forker
-        if spare is None or forker is None or not forker.ended(spare.pid):
+        if spare is None or forker is None or not forker.ended(spare):
             return
-        self.log.warning("Worker %s: pre-forked horse %s died waiting for a job", self.name, spare.pid)
+        why = f"could not be forked: {spare.error}" if spare.error else "died waiting for a job"
+        self.log.warning("Worker %s: pre-forked horse %s %s", self.name, spare.pid or "", why)
         spare.close()
         self._spare = None
         self._ensure_spare()
@@ -784,11 +785,11 @@ class PreforkHorseMixin(StarterMixin):
         message = self._hand_off(job, queue, execution)
         horse, self._spare = self._spare or self._fork_horse(), None
         try:
-            horse.hand(message)
-        except ConnectionError:
-            self.log.warning("Worker %s: pre-forked horse %s died idle; forking one", self.name, horse.pid)
+            self._ready(horse).hand(message)
+        except OSError as exc:  # its fork failed, it died waiting, or its forker did
+            self.log.warning("Worker %s: pre-forked horse lost (%s); forking one", self.name, exc)
             self._discard(horse)
-            horse = self._fork_horse()
+            horse = self._ready(self._fork_horse())
             horse.hand(message)
         self._horse = horse
         self._horse_pid = horse.pid
@@ -807,12 +808,19 @@ class PreforkHorseMixin(StarterMixin):
         return pickle.dumps((job.id, None, execution.id, queue.name, times))
 
     def _ensure_spare(self) -> None:
+        """Ask for the next horse, not waiting for its fork: that happens while the job runs, or the
+        worker waits for the next one. A failed fork is noticed, and logged, when the horse is needed."""
         if self._spare is not None or self._controls.stop:
             return
         try:
             self._spare = self._fork_horse()
-        except OSError as exc:  # EAGAIN, ENOMEM: the hand-off forks one when a job comes
+        except OSError as exc:  # the forker is gone: the hand-off forks another when a job comes
             self.log.warning("Worker %s: could not pre-fork a horse: %s", self.name, exc)
+
+    def _ready(self, horse: prefork.Horse) -> prefork.Horse:
+        assert self._forker is not None, "a horse comes from the forker"
+        self._forker.ready(horse)
+        return horse
 
     def _fork_horse(self) -> prefork.Horse:
         """A horse from the forker; a new forker first if there is none yet, or it died (then every
@@ -827,10 +835,13 @@ class PreforkHorseMixin(StarterMixin):
         return self._forker.spawn()
 
     def _discard(self, horse: prefork.Horse) -> None:
-        """End a horse that will run no job of ours (it holds nothing: no job, no claim)."""
+        """End a horse that will run no job of ours (it holds nothing: no job, no claim). One whose fork
+        is not answered yet exits by itself when its socket closes."""
+        horse.close()
+        if not horse.pid:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(horse.pid, signal.SIGKILL)
-        horse.close()
         if self._forker is not None:
             self._forker.forget(horse.pid)
 
