@@ -876,7 +876,10 @@ class PreforkHorseMixin(StarterMixin):
         if saved is None:
             job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
         else:
-            job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
+            # rq resolves a serializer it is given with a runtime Protocol check, pure-Python typing code
+            # that a fresh horse pays for in copied pages; the default one it takes as it is
+            serializer = None if self.serializer is DefaultSerializer else self.serializer
+            job = self.job_class(job_id, connection=self.connection, serializer=serializer)
             fields, dates = saved
             job.restore(fields)
             for name, value in dates.items():

@@ -19,6 +19,7 @@ from rq import Worker as RqWorker
 from rq.job import UNSERIALIZABLE_RETURN_VALUE_PAYLOAD, Job, JobStatus
 from rq.registry import FinishedJobRegistry
 from rq.results import Result
+from rq.serializers import JSONSerializer
 from test_worker import assert_nothing_held, done_ids, latest_failure
 
 from resque_starter.config import Hooks
@@ -414,6 +415,16 @@ def test_return_values_are_saved_as_in_rq(
     [rq_worker] = RqWorker.all(connection=conn)
     assert (rq_worker.successful_job_count, rq_worker.failed_job_count) == (1, 0)
     assert rq_worker.total_working_time > 0
+
+
+@FORKING
+def test_a_configured_serializer_is_used_as_in_rq(start: Start, conn: redis.Redis, worker_class: str) -> None:
+    worker = start(worker_class=worker_class, serializer="json")
+    worker.expect("ready")
+    queue = Queue("default", connection=conn, serializer=JSONSerializer)
+    job, _horse = run_one(worker, queue, "testjobs.length", "four")
+    assert job.get_status() == JobStatus.FINISHED
+    assert Job.fetch(job.id, connection=conn, serializer=JSONSerializer).return_value() == 4
 
 
 @FORKING
