@@ -783,12 +783,14 @@ class PreforkHorseMixin(StarterMixin):
         os.environ["RQ_JOB_ID"] = job.id
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
         message = self._hand_off(job, queue, execution)
-        horse, self._spare = self._spare or self._fork_horse(), None
+        horse, self._spare = self._spare, None
         try:
-            self._ready(horse).hand(message)
+            horse = self._ready(horse or self._fork_horse())
+            horse.hand(message)
         except OSError as exc:  # its fork failed, it died waiting, or its forker did
             self.log.warning("Worker %s: pre-forked horse lost (%s); forking one", self.name, exc)
-            self._discard(horse)
+            if horse is not None:
+                self._discard(horse)
             horse = self._ready(self._fork_horse())
             horse.hand(message)
         self._horse = horse
