@@ -446,7 +446,7 @@ class Supervisor:
         horse = (w.job or {}).get("horse")
         after_pid = None
         if isinstance(horse, int) and self.early_exits.pop(horse, None) is None:
-            # still unreaped, so the pid is still the horse's: kill it before touching its job
+            # not reaped by us, so the pid is still the horse's: kill it before touching its job
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(horse, signal.SIGKILL)
                 after_pid = horse
@@ -456,6 +456,31 @@ class Supervisor:
             else f"worker pid {w.pid} ({w.spec.name}) died ({describe_status(status)}) while running this job"
         )
         self.recoveries[w.spec.name] = Recovery(w.spec.name, w.queues, shutdown, reason, after_pid)
+        if after_pid is not None:
+            self._watch_exit(after_pid)
+
+    def _watch_exit(self, horse: int) -> None:
+        """Learn when the killed horse has exited, whoever reaps it. rq's horse, orphaned, is reaped by
+        us; a pre-forked horse may be reaped by its forker, and then its exit never reaches us (seen
+        in the chaos storm: the recovery waited for the stop deadline)."""
+        try:
+            fd = os.pidfd_open(horse)
+        except ProcessLookupError:  # reaped already
+            self._horse_gone(horse)
+            return
+        except OSError:  # no pidfd (before Linux 5.3): only our own reaping of it tells
+            return
+        self._selector.register(fd, selectors.EVENT_READ, lambda f: self._on_horse_exit(horse, f))
+
+    def _on_horse_exit(self, horse: int, fd: int) -> None:
+        self._selector.unregister(fd)
+        os.close(fd)
+        self._horse_gone(horse)
+
+    def _horse_gone(self, horse: int) -> None:
+        for r in self.recoveries.values():
+            if r.after_pid == horse:
+                r.after_pid = None
 
     def _update_serving(self) -> None:
         """The current generation serves once its mold is ready and every worker is its own and ready."""

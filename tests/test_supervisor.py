@@ -191,6 +191,21 @@ def test_a_killed_worker_is_respawned(start, conn) -> None:
     assert [w.name for w in Worker.all(connection=conn)] != [worker["name"]]
 
 
+def test_a_horse_reaped_by_another_process_does_not_hold_up_the_recovery(start, conn) -> None:
+    """The supervisor kills a dead worker's horse before it settles the job, and waits for it to exit:
+    a pre-forked horse may be reaped by its forker, so its exit never reaches the supervisor."""
+    foreign = subprocess.Popen(["sleep", "60"], start_new_session=True)  # a group leader the test reaps
+    conn.set("testjobs:foreign-horse", foreign.pid)
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_WORKER_CLASS="testjobs.ForeignHorseWorker")
+    [worker] = s.wait_workers(1)
+    job = enqueue(conn, "testjobs.noop")
+    wait_for(lambda: [w for w in s.status()["workers"] if w["horse_pid"] == foreign.pid], what="busy")
+    os.kill(worker["pid"], signal.SIGKILL)
+    assert foreign.wait(timeout=10) == -signal.SIGKILL, "the supervisor killed the horse"
+    wait_status(conn, job, JobStatus.FAILED)
+    assert "died (killed by SIGKILL)" in (Job.fetch(job.id, connection=conn).latest_result().exc_string or "")
+
+
 def test_app_that_fails_to_import_exits_3_with_one_traceback(start, tmp_path: Path) -> None:
     (tmp_path / "brokenapp.py").write_text("import os\nraise RuntimeError('broken on purpose')\n")
     s = start(RESQUE_STARTER_APP="brokenapp", PYTHONPATH=f"{tmp_path}:{ROOT}")

@@ -157,3 +157,15 @@ def retry_once() -> object:
 def callback_pid(job: Job, connection: object, result: object, *args: object) -> None:
     """An on_success / on_failure callback: records which process ran it."""
     job.connection.rpush(f"testjobs:callback:{job.id}", os.getpid())
+
+
+class ForeignHorseWorker(Worker):
+    """Reports as its horse a process that another one started and reaps (its pid in the Redis key
+    testjobs:foreign-horse), and waits: what the supervisor sees of a pre-forked horse, whose forker
+    may reap it after the worker died."""
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        self._horse_pid = int(self.connection.get("testjobs:foreign-horse") or 0)
+
+    def monitor_work_horse(self, job: Job, queue: Queue, execution: object) -> None:
+        time.sleep(3600)
