@@ -45,6 +45,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import redis
+from redis.client import Pipeline
 from redis.driver_info import DriverInfo
 from rq.command import parse_payload
 from rq.exceptions import NoSuchJobError, StopRequested
@@ -350,6 +351,24 @@ class StarterMixin:
         self._context.send(
             {"event": "idle", "done": int(done or 0), "failed": int(failed or 0), "requeued": self._requeued}
         )
+
+    # --- rq's bookkeeping, in fewer round trips ---------------------------------------------------
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """rq sends a heartbeat's three commands one round trip each when it is given no pipeline
+        (after every job, among others): send them in one."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        with self.connection.pipeline(transaction=False) as own:
+            super().heartbeat(timeout, own)
+            own.execute()
+
+    def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
+        """rq sets IDLE at the end of each job, and the wait for the next sets it again: once is enough."""
+        if pipeline is None and state == self._state:
+            return
+        super().set_state(state, pipeline)
 
     # --- dequeue -------------------------------------------------------------------------------
 

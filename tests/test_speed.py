@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from rq.utils import utcformat
+from rq.worker import WorkerStatus
 
 from resque_starter import hugepages
-from resque_starter.worker import Context, Controls, build_worker
+from resque_starter.worker import Context, Controls, StarterMixin, build_worker
 
 from starter import ROOT, Starter
 from worker_harness import make_settings, new_spec
@@ -98,12 +100,53 @@ def test_the_mold_keeps_the_app_on_huge_pages(start: Callable[..., Starter]) -> 
     assert anon_huge_bytes(mold) >= 20 * 2**20  # of bigapp's 40 MB
 
 
+def _worker(redis_url: str) -> StarterMixin:
+    """The worker run_worker builds, in this process (it never runs its loop here)."""
+    status, _ = socket.socketpair()
+    return build_worker(
+        Context(make_settings(redis_url), new_spec(), Controls(paused=False), status, ("default",))
+    )
+
+
 def test_every_connection_of_a_worker_shares_one_driver_info(redis_url: str) -> None:
     """A horse's first command opens a new connection; it must not read redis-py's metadata again."""
-    status, _ = socket.socketpair()
-    settings = make_settings(redis_url)
-    worker = build_worker(Context(settings, new_spec(), Controls(paused=False), status, ("default",)))
+    worker = _worker(redis_url)
     pool = worker.connection.connection_pool
     first, second = pool.make_connection(), pool.make_connection()
     assert first.driver_info is second.driver_info
     assert first.driver_info.lib_version == redis.__version__
+
+
+def _round_trips(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every request a client of this process sends to Redis (a pipeline's commands go in one)."""
+    sent: list[object] = []
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(
+        self: redis.connection.AbstractConnection, command: object, check_health: bool = True
+    ) -> None:
+        sent.append(command)
+        send(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    return sent
+
+
+def test_the_bookkeeping_between_two_jobs_takes_fewer_round_trips(
+    redis_url: str, conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rq sends a heartbeat's commands one by one after every job, and sets the worker idle twice
+    between two jobs: one round trip each here, and none for the second idle, with rq's outcome."""
+    worker = _worker(redis_url)
+    worker.register_birth()
+    worker.set_state(WorkerStatus.BUSY)
+    conn.expire(worker.key, 5)
+    sent = _round_trips(monkeypatch)
+    worker.heartbeat()
+    assert len(sent) == 1
+    worker.set_state(WorkerStatus.IDLE)
+    worker.set_state(WorkerStatus.IDLE)
+    assert len(sent) == 2
+    assert conn.ttl(worker.key) > 60
+    assert conn.hget(worker.key, "last_heartbeat").decode() == utcformat(worker.last_heartbeat)
+    assert conn.hget(worker.key, "state") == b"idle"
