@@ -50,7 +50,7 @@ from redis.driver_info import DriverInfo
 from rq.command import parse_payload
 from rq.exceptions import NoSuchJobError, StopRequested
 from rq.executions import Execution
-from rq.job import Job, Retry
+from rq.job import UNEVALUATED, Job, Retry
 from rq.queue import Queue
 from rq.serializers import DefaultSerializer, JSONSerializer
 from rq.utils import as_text, import_attribute, now
@@ -86,9 +86,6 @@ KILL_JOB = "kill"
 QUICK_STOP_REASON = "resque-starter: interrupted by shutdown (quick stop, SIGINT)"
 KILL_JOB_REASON = "resque-starter: job killed by SIGUSR1"
 LEFTOVER_REASON = "resque-starter: the worker stopped with this job unfinished"
-# Handed to a pre-forked horse as datetimes: restoring them from text would run strptime, pure Python
-# that in a fresh horse copies dozens of pages.
-_JOB_DATES = ("created_at", "enqueued_at", "started_at", "ended_at", "last_heartbeat")
 DONE = b"done"  # a pre-forked horse's report when it finished its job the rq way, to the end
 
 # Signals whose handlers a fork may have inherited from the supervisor, the mold or pytest.
@@ -817,14 +814,21 @@ class PreforkHorseMixin(StarterMixin):
         self.procline(f"Handed {job.id} to horse {horse.pid}")
 
     def _hand_off(self, job: Job, queue: Queue, execution: Execution) -> bytes:
-        """What the horse needs to run the job: the job as the worker holds it now (as rq's horse inherits
-        it), or, too large for one message, its id to fetch it by."""
-        encode = self.connection.get_encoder().encode
+        """What the horse needs to run the job: the Job as the worker holds it now, attribute by attribute
+        (as rq's horse inherits it by fork; rebuilding it from Redis's fields costs a fresh horse about 40
+        more copied pages), without its connection (the horse has its own) and with rq's mark of what it
+        has not loaded yet by name. Too large for one message, or not picklable: its id, to fetch it by."""
+        fields = vars(job)
+        state = {
+            name: value for name, value in fields.items() if name != "connection" and value is not UNEVALUATED
+        }
+        unloaded = [name for name, value in fields.items() if value is UNEVALUATED]
         times = (execution.created_at, execution.last_heartbeat)
-        saved = {key.encode(): encode(value) for key, value in job.to_dict().items() if key not in _JOB_DATES}
-        dates = {name: getattr(job, name) for name in _JOB_DATES}
-        message = pickle.dumps((job.id, (saved, dates), execution.id, queue.name, times))
-        if len(message) <= prefork.MAX_MESSAGE:
+        try:
+            message = pickle.dumps((job.id, (state, unloaded), execution.id, queue.name, times))
+        except Exception:  # an attribute that only the job's own serializer can save: fetch it
+            message = b""
+        if 0 < len(message) <= prefork.MAX_MESSAGE:
             return message
         return pickle.dumps((job.id, None, execution.id, queue.name, times))
 
@@ -897,14 +901,10 @@ class PreforkHorseMixin(StarterMixin):
         if saved is None:
             job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
         else:
-            # rq resolves a serializer it is given with a runtime Protocol check, pure-Python typing code
-            # that a fresh horse pays for in copied pages; the default one it takes as it is
-            serializer = None if self.serializer is DefaultSerializer else self.serializer
-            job = self.job_class(job_id, connection=self.connection, serializer=serializer)
-            fields, dates = saved
-            job.restore(fields)
-            for name, value in dates.items():
-                setattr(job, name, value)
+            state, unloaded = saved
+            job = self.job_class.__new__(self.job_class)
+            vars(job).update(state, connection=self.connection)
+            vars(job).update(dict.fromkeys(unloaded, UNEVALUATED))
         # the execution the worker has just saved, as Execution.fetch would restore it, without the fetch
         execution = Execution(execution_id, job_id, self.connection, worker_name=self.name)
         execution.created_at, execution.last_heartbeat = times

@@ -429,7 +429,8 @@ def test_a_configured_serializer_is_used_as_in_rq(start: Start, conn: redis.Redi
 
 @FORKING
 def test_the_job_sees_itself_as_in_rq(start: Start, conn: redis.Redis, worker_class: str) -> None:
-    """Small jobs come with the hand-off, large ones the horse fetches: the same job either way."""
+    """Small jobs come with the hand-off; large ones, and ones holding what pickle cannot take, the horse
+    fetches: the same job either way."""
     worker, queue = ready(start, conn, worker_class)
     job, horse = run_one(worker, queue, "testjobs.describe", job_timeout=77)
     seen = job.return_value()
@@ -447,6 +448,8 @@ def test_the_job_sees_itself_as_in_rq(start: Start, conn: redis.Redis, worker_cl
     assert job.get_meta()["seen_by"] == horse
     big, _horse = run_one(worker, queue, "testjobs.length", testjobs.BIG)
     assert big.return_value() == len(testjobs.BIG)
+    held, _horse = run_one(worker, queue, "testjobs.opened_path", testjobs.Opened("/srv/data"))
+    assert held.return_value() == "/srv/data"
 
 
 @FORKING

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -133,6 +134,20 @@ def unpicklable_result() -> object:
 
 def length(data: str) -> int:
     return len(data)
+
+
+class Opened:
+    """An argument saved as its path; once loaded it holds a lock, which no pickle takes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        vars(self).update(state, lock=threading.Lock())
+
+
+def opened_path(opened: Opened) -> str:
+    return opened.path
 
 
 def describe() -> dict[str, object]:
