@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from rq import Queue
+from rq.job import Job
 from rq.utils import utcformat
 from rq.worker import WorkerStatus
 
@@ -150,3 +152,23 @@ def test_the_bookkeeping_between_two_jobs_takes_fewer_round_trips(
     assert conn.ttl(worker.key) > 60
     assert conn.hget(worker.key, "last_heartbeat").decode() == utcformat(worker.last_heartbeat)
     assert conn.hget(worker.key, "state") == b"idle"
+
+
+def test_a_claim_brings_the_job_in_the_same_round_trip(
+    redis_url: str, conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim script returns the job's fields with its id: the job as Job.fetch builds it, without
+    the fetch's round trip."""
+    queue = Queue("default", connection=conn)
+    queued = queue.enqueue("testjobs.length", "four", job_timeout=77, meta={"k": "v"})
+    worker = _worker(redis_url)
+    worker.register_birth()
+    worker.get_redis_server_version()  # asked once per worker, then known
+    sent = _round_trips(monkeypatch)
+    claimed = worker._claim(block=False)
+    assert len(sent) == 1
+    assert claimed is not None
+    job, from_queue = claimed
+    assert from_queue.name == "default"
+    assert job.to_dict() == Job.fetch(queued.id, connection=conn).to_dict()
+    assert (job.func_name, job.args, job.timeout, job.meta) == ("testjobs.length", ("four",), 77, {"k": "v"})
