@@ -86,6 +86,7 @@ KILL_JOB = "kill"
 QUICK_STOP_REASON = "resque-starter: interrupted by shutdown (quick stop, SIGINT)"
 KILL_JOB_REASON = "resque-starter: job killed by SIGUSR1"
 LEFTOVER_REASON = "resque-starter: the worker stopped with this job unfinished"
+COUNTERS = ("successful_job_count", "failed_job_count")  # rq's, in the worker's hash: the idle event's
 DONE = b"done"  # a pre-forked horse's report when it finished its job the rq way, to the end
 
 # Signals whose handlers a fork may have inherited from the supervisor, the mold or pytest.
@@ -290,6 +291,8 @@ class StarterMixin:
         self._in_process = False
         self._state_title = "starting"
         self._claim_first = None
+        self._counters: list[bytes | None] | None = None  # read with the end of the last job
+        self._heartbeat_sent = False  # with the end of the last job, for rq's loop, which sends one next
         super().__init__(*args, **kwargs)
         self._claim_first = self.connection.register_script(_CLAIM_FIRST)
 
@@ -345,7 +348,8 @@ class StarterMixin:
         )  # fmt: skip
 
     def _send_idle(self) -> None:
-        done, failed = self.connection.hmget(self.key, ["successful_job_count", "failed_job_count"])
+        counters, self._counters = self._counters, None
+        done, failed = counters if counters is not None else self.connection.hmget(self.key, COUNTERS)
         self._context.send(
             {"event": "idle", "done": int(done or 0), "failed": int(failed or 0), "requeued": self._requeued}
         )
@@ -353,20 +357,36 @@ class StarterMixin:
     # --- rq's bookkeeping, in fewer round trips ---------------------------------------------------
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
-        """rq sends a heartbeat's three commands one round trip each when it is given no pipeline
-        (after every job, among others): send them in one."""
+        """rq sends a heartbeat's three commands one round trip each when it is given no pipeline: send them
+        in one. The one rq's loop sends right after each job went with the job's end (set_state)."""
         if pipeline is not None:
             super().heartbeat(timeout, pipeline)
+            return
+        if self._heartbeat_sent and timeout is None:
+            self._heartbeat_sent = False
             return
         with self.connection.pipeline(transaction=False) as own:
             super().heartbeat(timeout, own)
             own.execute()
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
-        """rq sets IDLE at the end of each job, and the wait for the next sets it again: once is enough."""
-        if pipeline is None and state == self._state:
+        """rq sets IDLE at the end of each job, and the wait for the next sets it again: once is enough. At
+        the end of a job, the heartbeat rq's loop sends next and the counters the idle event reports go in
+        the same round trip."""
+        if pipeline is not None:
+            super().set_state(state, pipeline)
             return
-        super().set_state(state, pipeline)
+        if state == self._state:
+            return
+        if state != WorkerStatus.IDLE or self._running is None:
+            super().set_state(state)
+            return
+        with self.connection.pipeline(transaction=False) as own:
+            super().set_state(state, own)
+            super().heartbeat(pipeline=own)
+            own.hmget(self.key, COUNTERS)
+            self._counters = own.execute()[-1]
+        self._heartbeat_sent = True
 
     # --- dequeue -------------------------------------------------------------------------------
 

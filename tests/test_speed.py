@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -20,6 +21,7 @@ from rq.utils import utcformat
 from rq.worker import WorkerStatus
 
 from resque_starter import hugepages
+from resque_starter.protocol import LineBuffer
 from resque_starter.worker import Context, Controls, StarterMixin, build_worker
 
 from starter import ROOT, Starter
@@ -102,17 +104,19 @@ def test_the_mold_keeps_the_app_on_huge_pages(start: Callable[..., Starter]) -> 
     assert anon_huge_bytes(mold) >= 20 * 2**20  # of bigapp's 40 MB
 
 
-def _worker(redis_url: str) -> StarterMixin:
-    """The worker run_worker builds, in this process (it never runs its loop here)."""
-    status, _ = socket.socketpair()
-    return build_worker(
-        Context(make_settings(redis_url), new_spec(), Controls(paused=False), status, ("default",))
+def _worker(redis_url: str, **settings: Any) -> tuple[StarterMixin, socket.socket]:
+    """The worker run_worker builds, in this process (it never runs its loop here), and the supervisor's
+    end of its status socket."""
+    status, supervisor = socket.socketpair()
+    context = Context(
+        make_settings(redis_url, **settings), new_spec(), Controls(paused=False), status, ("default",)
     )
+    return build_worker(context), supervisor
 
 
 def test_every_connection_of_a_worker_shares_one_driver_info(redis_url: str) -> None:
     """A horse's first command opens a new connection; it must not read redis-py's metadata again."""
-    worker = _worker(redis_url)
+    worker, _ = _worker(redis_url)
     pool = worker.connection.connection_pool
     first, second = pool.make_connection(), pool.make_connection()
     assert first.driver_info is second.driver_info
@@ -139,7 +143,7 @@ def test_the_bookkeeping_between_two_jobs_takes_fewer_round_trips(
 ) -> None:
     """rq sends a heartbeat's commands one by one after every job, and sets the worker idle twice
     between two jobs: one round trip each here, and none for the second idle, with rq's outcome."""
-    worker = _worker(redis_url)
+    worker, _ = _worker(redis_url)
     worker.register_birth()
     worker.set_state(WorkerStatus.BUSY)
     conn.expire(worker.key, 5)
@@ -161,7 +165,7 @@ def test_a_claim_brings_the_job_in_the_same_round_trip(
     the fetch's round trip."""
     queue = Queue("default", connection=conn)
     queued = queue.enqueue("testjobs.length", "four", job_timeout=77, meta={"k": "v"})
-    worker = _worker(redis_url)
+    worker, _ = _worker(redis_url)
     worker.register_birth()
     worker.get_redis_server_version()  # asked once per worker, then known
     sent = _round_trips(monkeypatch)
@@ -172,3 +176,28 @@ def test_a_claim_brings_the_job_in_the_same_round_trip(
     assert from_queue.name == "default"
     assert job.to_dict() == Job.fetch(queued.id, connection=conn).to_dict()
     assert (job.func_name, job.args, job.timeout, job.meta) == ("testjobs.length", ("four",), 77, {"k": "v"})
+
+
+def test_the_end_of_a_job_is_one_round_trip(
+    redis_url: str, conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rq's worker ends a job by setting itself idle, and its loop heartbeats next; the idle event
+    reports the job counters: one request for the three, and none for the loop's heartbeat."""
+    worker, supervisor = _worker(redis_url, worker_class="rq.SimpleWorker")
+    worker.register_birth()
+    worker.get_redis_server_version()
+    Queue("default", connection=conn).enqueue("testjobs.length", "four")
+    claimed = worker._claim(block=False)
+    assert claimed is not None
+    sent = _round_trips(monkeypatch)
+    worker.execute_job(*claimed)
+    last = b"".join(sent[-1])  # type: ignore[arg-type]
+    for command in (b"state\r\n$4\r\nidle", b"last_heartbeat", b"EXPIRE", b"HMGET"):
+        assert command in last
+    requests = len(sent)
+    worker.heartbeat()  # what rq's loop calls after each job
+    assert len(sent) == requests
+    assert conn.hget(worker.key, "state") == b"idle"
+    assert conn.ttl(worker.key) > 60
+    events = LineBuffer().feed(supervisor.recv(65536))
+    assert events[-1] == {"event": "idle", "done": 1, "failed": 0, "requeued": 0}
