@@ -53,6 +53,7 @@ from rq.executions import Execution
 from rq.job import UNEVALUATED, Job, Retry
 from rq.queue import Queue
 from rq.serializers import DefaultSerializer, JSONSerializer
+from rq.suspension import WORKERS_SUSPENDED
 from rq.utils import as_text, import_attribute, now
 from rq.worker import BaseWorker, DequeueStrategy, WorkerStatus
 from rq.worker import Worker as ForkingWorker
@@ -293,6 +294,7 @@ class StarterMixin:
         self._claim_first = None
         self._counters: list[bytes | None] | None = None  # read with the end of the last job
         self._heartbeat_sent = False  # with the end of the last job, for rq's loop, which sends one next
+        self._suspended: bool | None = None  # read with the end of the last job, for rq's loop's next check
         super().__init__(*args, **kwargs)
         self._claim_first = self.connection.register_script(_CLAIM_FIRST)
 
@@ -371,8 +373,8 @@ class StarterMixin:
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
         """rq sets IDLE at the end of each job, and the wait for the next sets it again: once is enough. At
-        the end of a job, the heartbeat rq's loop sends next and the counters the idle event reports go in
-        the same round trip."""
+        the end of a job, what rq's loop does next (a heartbeat, then the check for `rq suspend`) and the
+        counters the idle event reports go in the same round trip."""
         if pipeline is not None:
             super().set_state(state, pipeline)
             return
@@ -385,8 +387,17 @@ class StarterMixin:
             super().set_state(state, own)
             super().heartbeat(pipeline=own)
             own.hmget(self.key, COUNTERS)
-            self._counters = own.execute()[-1]
+            own.exists(WORKERS_SUSPENDED)
+            *_, self._counters, suspended = own.execute()
         self._heartbeat_sent = True
+        self._suspended = bool(suspended)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """rq's loop checks for `rq suspend` before each job; after a job, the job's end read it (see
+        set_state): only a suspension found then is left for rq to handle."""
+        suspended, self._suspended = self._suspended, None
+        if suspended is not False:
+            super().check_for_suspension(burst)
 
     # --- dequeue -------------------------------------------------------------------------------
 

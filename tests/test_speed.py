@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import redis
 from rq import Queue
+from rq.exceptions import StopRequested
 from rq.job import Job
+from rq.suspension import suspend
 from rq.utils import utcformat
 from rq.worker import WorkerStatus
 
@@ -181,8 +183,9 @@ def test_a_claim_brings_the_job_in_the_same_round_trip(
 def test_the_end_of_a_job_is_one_round_trip(
     redis_url: str, conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """rq's worker ends a job by setting itself idle, and its loop heartbeats next; the idle event
-    reports the job counters: one request for the three, and none for the loop's heartbeat."""
+    """rq's worker ends a job by setting itself idle, and its loop heartbeats and checks for `rq suspend`
+    next; the idle event reports the job counters: one request for all, none for what the loop does next,
+    and a suspension found then is rq's to handle."""
     worker, supervisor = _worker(redis_url, worker_class="rq.SimpleWorker")
     worker.register_birth()
     worker.get_redis_server_version()
@@ -192,12 +195,20 @@ def test_the_end_of_a_job_is_one_round_trip(
     sent = _round_trips(monkeypatch)
     worker.execute_job(*claimed)
     last = b"".join(sent[-1])  # type: ignore[arg-type]
-    for command in (b"state\r\n$4\r\nidle", b"last_heartbeat", b"EXPIRE", b"HMGET"):
+    for command in (b"state\r\n$4\r\nidle", b"last_heartbeat", b"EXPIRE", b"HMGET", b"EXISTS"):
         assert command in last
     requests = len(sent)
-    worker.heartbeat()  # what rq's loop calls after each job
+    worker.heartbeat()  # what rq's loop calls after each job, then at the top of the next turn
+    worker.check_for_suspension(burst=False)
     assert len(sent) == requests
     assert conn.hget(worker.key, "state") == b"idle"
     assert conn.ttl(worker.key) > 60
     events = LineBuffer().feed(supervisor.recv(65536))
     assert events[-1] == {"event": "idle", "done": 1, "failed": 0, "requeued": 0}
+    suspend(conn)
+    Queue("default", connection=conn).enqueue("testjobs.length", "five")
+    claimed = worker._claim(block=False)
+    assert claimed is not None
+    worker.execute_job(*claimed)
+    with pytest.raises(StopRequested):  # rq's way in burst mode: a suspended worker stops
+        worker.check_for_suspension(burst=True)

@@ -14,6 +14,7 @@ from rq import Queue, Retry, Worker
 from rq.command import send_shutdown_command
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.suspension import resume
 
 import resque_starter.worker as worker_module
 from resque_starter.config import Group, Hooks
@@ -385,6 +386,26 @@ def test_pause_stops_intake_even_while_blocked(start: Start, conn: redis.Redis, 
     worker.expect("idle")
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+
+
+@EVERY
+def test_rq_suspend_during_a_job_holds_the_next_one_until_resume(
+    start: Start, conn: redis.Redis, worker_class: str
+) -> None:
+    """rq's own pause, `rq suspend`, works as in rq: issued while a job runs, the worker takes no job
+    from the end of that one until `rq resume`."""
+    queue = Queue("default", connection=conn)
+    worker = start(worker_class=worker_class)
+    worker.expect("ready")
+    queue.enqueue("testjobs.suspend_workers")
+    worker.expect("busy")
+    worker.expect("idle")
+    held = queue.enqueue("testjobs.record")
+    wait_for(lambda: worker_state(conn, worker.name) == "suspended", what="rq's suspended state")
+    stays(lambda: queue.get_job_ids() == [held.id], 1.5)
+    resume(conn)
+    assert worker.expect("busy")["job"] == held.id
+    worker.expect("idle")
 
 
 @FORKING

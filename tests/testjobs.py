@@ -12,6 +12,7 @@ from datetime import date
 
 from rq import Queue, Retry, Worker, get_current_job
 from rq.job import Job
+from rq.suspension import suspend
 
 
 def noop() -> str:
@@ -158,6 +159,13 @@ def describe() -> dict[str, object]:
     job.save_meta()
     fields = ("id", "origin", "func_name", "args", "timeout", "created_at", "enqueued_at", "started_at")
     return {name: getattr(job, name) for name in fields} | {"status": job.get_status(refresh=False)}
+
+
+def suspend_workers() -> None:
+    """`rq suspend`, as an operator would run it while this job runs."""
+    job = get_current_job()
+    assert job is not None
+    suspend(job.connection)
 
 
 def retry_once() -> object:
