@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import marshal
 import os
-import pickle
+import resource
 import select
 import signal
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,7 +189,7 @@ class Forker:
                 if not data:
                     self.gone = True
                     return
-                self._record(pickle.loads(data))
+                self._record(marshal.loads(data))
                 block = False
 
     def _record(self, message: tuple[Any, ...]) -> None:
@@ -202,7 +204,7 @@ class Forker:
         elif message[1] in self._forgotten:
             self._forgotten.discard(message[1])
         else:
-            self._exits[message[1]] = (message[2], message[3])
+            self._exits[message[1]] = (message[2], resource.struct_rusage(message[3]))
 
 
 @contextlib.contextmanager
@@ -242,7 +244,11 @@ def _run_forker(  # pragma: no cover - runs in the forker
 
 
 class _Forker:  # pragma: no cover - runs in the forker
-    """Fork a horse per request, reap them all, report each exit; on EOF, end every horse left and exit."""
+    """Fork a horse per request, reap them all, report each exit; on EOF, end every horse left and exit.
+
+    After each fork the forker copies every page it writes again, and Python writes every object it
+    touches: so its loop touches little (marshal, not pickle; plain try, not contextlib; descriptors, not
+    socket objects): about 105 pages per horse instead of 136."""
 
     def __init__(self, sock: socket.socket, on_start: OnStart, on_job: OnJob) -> None:
         self.sock = sock
@@ -259,28 +265,31 @@ class _Forker:  # pragma: no cover - runs in the forker
         while True:
             readable = select.select([self.sock.fileno(), self.wake_read], [], [])[0]
             if self.wake_read in readable:
-                with contextlib.suppress(BlockingIOError):
+                try:
                     while os.read(self.wake_read, 512):
                         pass
+                except BlockingIOError:
+                    pass
                 self.reap(os.WNOHANG)
             if self.sock.fileno() in readable:
                 try:
-                    message, fds, _flags, _address = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+                    message, passed, _flags, _address = self.sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4))
                 except ConnectionResetError:  # the worker closed its end with our news unread
-                    message, fds = b"", []
+                    message, passed = b"", []
                 if not message:
                     break
-                self.fork(socket.socket(fileno=fds[0]))
+                self.fork(int.from_bytes(passed[0][2][:4], sys.byteorder))
         for pid in self.horses:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.reap(0)
 
-    def fork(self, horse: socket.socket) -> None:
+    def fork(self, horse: int) -> None:
+        """Fork a horse, its socket to the worker the descriptor `horse`."""
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN, ENOMEM: the worker logs it and asks again later
-            horse.close()
+            os.close(horse)
             self.report(("failed", exc.errno))
             return
         if pid == 0:
@@ -290,10 +299,12 @@ class _Forker:  # pragma: no cover - runs in the forker
             os.close(self.wake_write)
             for sig in (signal.SIGCHLD, *_FORKER_IGNORES):
                 signal.signal(sig, signal.SIG_DFL)
-            _serve(os.getppid(), horse, self.on_start, self.on_job)
-        horse.close()
-        with contextlib.suppress(OSError):  # the horse may have done it already
+            _serve(os.getppid(), socket.socket(fileno=horse), self.on_start, self.on_job)
+        os.close(horse)
+        try:  # noqa: SIM105 - contextlib would be more pages to copy, see the class
             os.setpgid(pid, pid)
+        except OSError:  # the horse may have done it already
+            pass
         self.horses.add(pid)
         self.report(("forked", pid))
 
@@ -306,11 +317,13 @@ class _Forker:  # pragma: no cover - runs in the forker
             if pid == 0:
                 return
             self.horses.discard(pid)
-            self.report(("exited", pid, status, rusage))
+            self.report(("exited", pid, status, tuple(rusage)))
 
     def report(self, message: tuple[Any, ...]) -> None:
-        with contextlib.suppress(OSError):  # the worker is gone: so are we, soon
-            self.sock.send(pickle.dumps(message), socket.MSG_NOSIGNAL)
+        try:  # noqa: SIM105
+            self.sock.send(marshal.dumps(message), socket.MSG_NOSIGNAL)
+        except OSError:  # the worker is gone: so are we, soon
+            pass
 
 
 def _serve(parent: int, sock: socket.socket, on_start: OnStart, on_job: OnJob) -> None:  # pragma: no cover
