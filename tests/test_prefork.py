@@ -4,6 +4,7 @@ test_supervisor.py and test_pid1.py with a PREFORK parameter."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -286,6 +287,24 @@ def test_a_forker_killed_mid_job_fails_the_job_as_rq_and_is_replaced(start: Star
     worker.expect("idle")
     assert done_ids(conn) == [after.id]
     assert_nothing_held(conn, queue, worker.name)
+
+
+@pytest.mark.parametrize("prefork_horse", [False, True], ids=["rq.Worker", "prefork"])
+def test_a_killed_horse_reaches_rqs_hook_with_its_resource_usage(
+    start: Start, conn: redis.Redis, prefork_horse: bool
+) -> None:
+    """rq gives its killed-horse hook what os.wait4 returned; a pre-forked horse's comes from its forker."""
+    worker = start(worker_class="testjobs.RusageWorker", prefork_horse=prefork_horse)
+    worker.expect("ready")
+    Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 30)
+    horse = worker.expect("busy")["horse"]
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="the job to start")
+    os.kill(horse, signal.SIGKILL)
+    worker.expect("idle", timeout=15)
+    [seen] = [json.loads(entry) for entry in conn.lrange("testjobs:killed-horses", 0, -1)]
+    retpid, status, kind, maxrss = seen
+    assert (retpid, os.WTERMSIG(status), kind) == (horse, signal.SIGKILL, "struct_rusage")
+    assert maxrss > 0
 
 
 def test_a_forker_killed_while_idle_is_replaced_before_any_job_comes(start: Start) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -180,6 +181,15 @@ def retry_once() -> object:
 def callback_pid(job: Job, connection: object, result: object, *args: object) -> None:
     """An on_success / on_failure callback: records which process ran it."""
     job.connection.rpush(f"testjobs:callback:{job.id}", os.getpid())
+
+
+class RusageWorker(Worker):
+    """Records what rq's killed-horse hook is given, as JSON in the Redis list testjobs:killed-horses."""
+
+    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: object) -> None:
+        seen = [retpid, ret_val, type(rusage).__name__, getattr(rusage, "ru_maxrss", None)]
+        self.connection.rpush("testjobs:killed-horses", json.dumps(seen))
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
 
 
 class ForeignHorseWorker(Worker):
