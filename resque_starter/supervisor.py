@@ -359,14 +359,12 @@ class Supervisor:
                 self._on_worker_exit(w, status)
                 return
         for r in self.recoveries.values():
-            if r.after_pid == pid:
-                r.after_pid = None
-                return
             if r.pid == pid:
                 del self.recoveries[r.worker]
                 if status != 0:
                     log.error("recovery of %s failed (%s)", r.worker, describe_status(status))
                 return
+        self._horse_gone(pid)  # a dead worker's horse, killed by us, may be ours to reap
         if self._redis is not None and pid == self._redis.pid:
             log.error("embedded redis-server exited (%s); restarting it", describe_status(status))
             self._redis.restart()
