@@ -263,7 +263,7 @@ class StarterMixin:
 
     Relies on these rq 3.0 BaseWorker hooks: dequeue_job_and_maintain_ttl, execute_job,
     prepare_execution, fork_work_horse, kill_horse, prepare_job_execution, handle_execution_ended,
-    handle_job_failure, register_birth, teardown, procline.
+    handle_job_failure, register_birth, teardown, procline, heartbeat, set_state, check_for_suspension.
     """
 
     # Attributes of rq's BaseWorker this mixin uses, for type checkers.
