@@ -20,6 +20,7 @@ import resque_starter.worker as worker_module
 from resque_starter.config import Group, Hooks
 from resque_starter.recovery import REQUEUES_META_KEY, claim_key, recover_worker
 
+import testjobs
 from conftest import RedisServer, wait_for
 from worker_harness import (
     EVERY_CLASS,
@@ -500,6 +501,25 @@ def test_sigkill_between_pop_and_record_loses_nothing(
     assert again.expect("busy")["job"] == job.id
     again.expect("idle")
     assert done_ids(conn) == [job.id]
+
+
+@EVERY
+def test_an_app_job_class_with_keys_of_its_own(start: Start, conn: redis.Redis, worker_class: str) -> None:
+    """The claim brings the job's fields from under the job class's own key prefix (a job queued before
+    the worker starts), and a job that comes while the worker is blocked waiting is fetched from there."""
+    queue = Queue("default", connection=conn, job_class=testjobs.TaggedJob)
+    waiting = queue.enqueue("testjobs.length", "four")
+    worker = start(worker_class=worker_class, job_class="testjobs.TaggedJob")
+    worker.expect("ready")
+    worker.expect("busy")
+    worker.expect("idle")
+    wait_for(lambda: any(c["cmd"] == "blmove" for c in conn.client_list()), what="the worker in BLMOVE")
+    later = queue.enqueue("testjobs.length", "seven")
+    worker.expect("busy")
+    assert worker.expect("idle")["done"] == 2
+    for job, expected in ((waiting, 4), (later, 5)):
+        assert conn.exists(f"testjobs:job:{job.id}")
+        assert testjobs.TaggedJob.fetch(job.id, connection=conn).return_value() == expected
 
 
 def test_claim_of_a_deleted_job_is_dropped(start: Start, conn: redis.Redis) -> None:

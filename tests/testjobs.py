@@ -183,6 +183,12 @@ def callback_pid(job: Job, connection: object, result: object, *args: object) ->
     job.connection.rpush(f"testjobs:callback:{job.id}", os.getpid())
 
 
+class TaggedJob(Job):
+    """An app's own job class, whose jobs live under keys of its own (rq lets a Job subclass choose)."""
+
+    redis_job_namespace_prefix = "testjobs:job:"
+
+
 class RusageWorker(Worker):
     """Records what rq's killed-horse hook is given, as JSON in the Redis list testjobs:killed-horses."""
 
