@@ -869,11 +869,11 @@ class PreforkHorseMixin(StarterMixin):
         times = (execution.created_at, execution.last_heartbeat)
         try:
             message = pickle.dumps((job.id, (state, unloaded), execution.id, queue.name, times))
-        except Exception:  # an attribute that only the job's own serializer can save: fetch it
-            message = b""
-        if 0 < len(message) <= prefork.MAX_MESSAGE:
-            return message
-        return pickle.dumps((job.id, None, execution.id, queue.name, times))
+        except Exception:  # an attribute that only the job's own serializer can save
+            message = None
+        if message is None or len(message) > prefork.MAX_MESSAGE:
+            message = pickle.dumps((job.id, None, execution.id, queue.name, times))
+        return message
 
     def _ensure_spare(self) -> None:
         """Ask for the next horse, not waiting for its fork: that happens while the job runs, or the
