@@ -23,7 +23,7 @@ CONTENTS = "## Contents\n\n"
 
 
 def markdown_files() -> list[Path]:
-    others = [ROOT / "k8s" / "groups" / "README.md", *sorted((ROOT / "examples").glob("**/*.md"))]
+    others = [ROOT / "CHANGELOG.md", ROOT / "k8s" / "groups" / "README.md", *(ROOT / "examples").glob("*.md")]
     return [README, *PAGES, *[path for path in others if path.exists()]]
 
 
