@@ -230,13 +230,14 @@ def _recovery_main(settings: Settings, request: dict[str, object], supervisor: i
     gives up by itself once the supervisor, its parent after the double fork, is gone."""
     import redis
 
+    from resque_starter.connection import connect
     from resque_starter.recovery import recover_worker
     from resque_starter.worker import DRIVER_INFO, REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX
 
     logs.set_role("recovery")
     setproctitle(f"resque-starter: recovery {request['worker']}")
     assert settings.redis_url is not None
-    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=30, driver_info=DRIVER_INFO)
+    connection = connect(settings.redis_url, socket_timeout=30, driver_info=DRIVER_INFO)
     wait = REDIS_BACKOFF_FIRST
     while True:
         try:

@@ -61,6 +61,7 @@ from setproctitle import setproctitle
 
 from resque_starter import orphans, prefork, protocol, recovery
 from resque_starter.config import Settings, mask_url
+from resque_starter.connection import connect
 from resque_starter.protocol import WorkerSpec
 
 log = logging.getLogger("resque_starter.worker")
@@ -1096,7 +1097,7 @@ def warm_client(url: str) -> None:
     """In the mold, before its freeze: build a client as a worker does, without connecting, and load
     the idna codec its first connection loads (socket.getaddrinfo encodes host names with it), so no
     worker imports them (modules, unicodedata tables) on pages of its own."""
-    redis.Redis.from_url(url, driver_info=DRIVER_INFO).close()
+    connect(url, driver_info=DRIVER_INFO).close()
     codecs.lookup("idna")
 
 
@@ -1124,7 +1125,7 @@ def build_worker(context: Context) -> StarterMixin:
             log.info("worker[%s]: RESQUE_STARTER_PREFORK_HORSE ignored: %s", context.label, why_not)
     worker_class = type("StarterWorker", (mixin, user_class), {})
     assert settings.redis_url
-    connection = redis.Redis.from_url(
+    connection = connect(
         settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT, driver_info=DRIVER_INFO
     )
     tunables = {
