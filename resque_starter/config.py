@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from resque_starter import kinds
+from resque_starter import connection, kinds
 from resque_starter.classes import CLASS_RULES, SERIALIZER, check_classes  # noqa: F401 - re-exported
+from resque_starter.connection import mask_url
 from resque_starter.errors import (  # noqa: F401 - re-exported: every module imports them from here
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -32,8 +31,6 @@ from resque_starter.errors import (  # noqa: F401 - re-exported: every module im
     override_label,
 )
 from resque_starter.kinds import Invalid, Kind
-
-_Invalid = Invalid  # the name _redis_url raises
 
 
 @dataclass(frozen=True)
@@ -133,29 +130,10 @@ HOOK_NAMES = tuple(f.name for f in fields(Hooks))
 
 
 def _redis_url(value: object) -> str:
-    """redis-py's URL forms, checked without importing redis-py (it is 17 MB the supervisor avoids)."""
-    url = value.strip() if isinstance(value, str) else ""
-    allowed = "a redis://, rediss:// or unix:// URL"
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise _Invalid(f"{allowed} ({e})") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise _Invalid(f"{allowed} (the scheme is {parts.scheme!r})" if parts.scheme else allowed)
-    if parts.scheme == "unix":
-        if not parts.path or parts.path == "/":
-            raise _Invalid(f"{allowed} (unix:// needs the socket's path: unix:///run/redis.sock)")
-    elif port == 0:
-        raise _Invalid(f"{allowed} (port 0)")
-    else:
-        db = parts.path.lstrip("/")
-        if db and not db.isdigit():
-            raise _Invalid(f"{allowed} (the database {db!r} is not a number)")
-    for key, values in parse_qs(parts.query).items():
-        if key == "db" and not values[0].isdigit():
-            raise _Invalid(f"{allowed} (db={values[0]!r} is not a number)")
-    return url
+        return connection.check_url(value)
+    except connection.BadURL as e:
+        raise Invalid(str(e)) from None
 
 
 def _groups(value: object) -> tuple[Group, ...]:
@@ -374,13 +352,3 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(s.flag, dest=s.name, nargs="?", const="true", metavar="BOOL", help=help_text)
         else:
             parser.add_argument(s.flag, dest=s.name, default=None, metavar="VALUE", help=help_text)
-
-
-def mask_url(url: str) -> str:
-    """Hide the password of a Redis URL (userinfo or ?password=) for logs and `ctl status`."""
-    scheme, sep, rest = url.partition("://")
-    if sep:
-        userinfo, at, host = rest.rpartition("@")
-        if at and ":" in userinfo:
-            rest = f"{userinfo.partition(':')[0]}:***@{host}"
-    return scheme + sep + re.sub(r"(?<=[?&])password=[^&#]*", "password=***", rest)

@@ -21,9 +21,9 @@ from resque_starter.config import (
     Hooks,
     Setting,
     Settings,
-    mask_url,
     override_label,
 )
+from resque_starter.connection import mask_url
 from resque_starter.kinds import Invalid
 
 
