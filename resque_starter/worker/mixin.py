@@ -97,7 +97,7 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         the graceful stop it is in rq. Other commands (kill-horse, stop-job) behave as in rq."""
         if parse_payload(message).get("command") == "shutdown":
             self.log.info("Worker %s: shutdown command received, stopping after the current job", self.name)
-            self._controls.stop = True
+            self._controls.request_stop()
             return
         super().handle_payload(message)
 
