@@ -12,8 +12,11 @@ from starter import ROOT
 PACKAGE = ROOT / "resque_starter"
 
 # Circles known to exist and owned by other work: each must still exist (so the entry is removed the
-# day it is fixed), and no other circle may appear. mold <-> worker goes with the worker/ package split.
-KNOWN = {frozenset({"resque_starter.mold", "resque_starter.worker"})}
+# day it is fixed), and no other circle may appear. worker/controls.py names StarterMixin (the type of
+# Controls.worker) under TYPE_CHECKING, and the mixin is built from controls, dequeue and bookkeeping.
+KNOWN = {
+    frozenset(f"resque_starter.worker.{name}" for name in ("bookkeeping", "controls", "dequeue", "mixin"))
+}
 
 
 def modules(package: Path) -> dict[str, Path]:
@@ -64,7 +67,9 @@ def circles(edges: dict[str, set[str]]) -> set[frozenset[str]]:
 
     reach = {name: reachable(name) for name in edges}
     return {
-        frozenset(other for other in edges if other == name or (other in reach[name] and name in reach[other]))
+        frozenset(
+            other for other in edges if other == name or (other in reach[name] and name in reach[other])
+        )
         for name in edges
         if name in reach[name]
     }
@@ -73,7 +78,7 @@ def circles(edges: dict[str, set[str]]) -> set[frozenset[str]]:
 def test_the_package_has_no_import_circle() -> None:
     found = circles(graph(PACKAGE))
     assert found - KNOWN == set(), f"import circles: {[sorted(c) for c in found - KNOWN]}"
-    assert KNOWN <= found, f"fixed, remove from KNOWN: {[sorted(c) for c in KNOWN - found]}"
+    assert found >= KNOWN, f"fixed, remove from KNOWN: {[sorted(c) for c in KNOWN - found]}"
 
 
 def test_the_checker_finds_lazy_relative_and_type_checking_circles(tmp_path: Path) -> None:
@@ -82,8 +87,13 @@ def test_the_checker_finds_lazy_relative_and_type_checking_circles(tmp_path: Pat
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from pkg import b\n")
     (pkg / "b.py").write_text("def f():\n    from . import c\n")  # lazy and relative
-    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import X\n")
+    (pkg / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import X\n"
+    )
     (pkg / "sub" / "__init__.py").write_text("from .d import g\n")
     (pkg / "sub" / "d.py").write_text("import pkg.sub\n")
     (pkg / "e.py").write_text("import pkg.a\n")  # imports into the circle, is not part of it
-    assert circles(graph(pkg)) == {frozenset({"pkg.a", "pkg.b", "pkg.c"}), frozenset({"pkg.sub", "pkg.sub.d"})}
+    assert circles(graph(pkg)) == {
+        frozenset({"pkg.a", "pkg.b", "pkg.c"}),
+        frozenset({"pkg.sub", "pkg.sub.d"}),
+    }
