@@ -188,24 +188,20 @@ def drain(run_dir: str, timeout: float, out: Callable[[str], None], group: str |
         time.sleep(0.1)
 
 
+# The one line `ctl` prints for each command that changes something, filled from its reply.
+DONE = {
+    "scale": "group {group}: {size} worker(s)",
+    "pause": "paused {which}: its workers take no new job until ctl resume",
+    "resume": "resumed {which}: its workers take jobs again",
+    "reload": "reloading: generation {generation} starts; the serving one serves until it is ready",
+    "stop": "stopping ({stopping}): ctl status shows the workers left",
+    "kill-jobs": "kill-jobs: told {workers} worker(s) to kill their running job",
+    "kill": "killing job {job} ({worker[job_func]}) on worker {worker[group]}:{worker[slot]} "
+    "pid {worker[pid]}",
+}
+
+
 def describe(message: dict[str, Any], reply: dict[str, Any]) -> str:
-    """The one line `ctl` prints for a command that changed something: what the supervisor did."""
-    cmd, group = message["cmd"], message.get("group")
-    which = f"group {group}" if group else "every group"
-    if cmd == "scale":
-        return f"group {reply['group']}: {reply['size']} worker(s)"
-    if cmd == "pause":
-        return f"paused {which}: its workers take no new job until ctl resume"
-    if cmd == "resume":
-        return f"resumed {which}: its workers take jobs again"
-    if cmd == "reload":
-        return f"reloading: generation {reply['generation']} starts; the serving one serves until it is ready"
-    if cmd == "stop":
-        return f"stopping ({reply['stopping']}): ctl status shows the workers left"
-    if cmd == "kill-jobs":
-        return f"kill-jobs: told {reply['workers']} worker(s) to kill their running job"
-    if cmd == "kill":
-        w = reply["worker"]
-        where = f"worker {w['group']}:{w['slot']} pid {w['pid']}"
-        return f"killing job {reply['job']} ({w['job_func']}) on {where}"
-    raise ValueError(f"no description for {cmd!r}")
+    """What the supervisor did, in the words of DONE; `which` names the group a request gave, if any."""
+    group = message.get("group")
+    return DONE[message["cmd"]].format(which=f"group {group}" if group else "every group", **reply)

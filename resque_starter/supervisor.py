@@ -300,7 +300,7 @@ class Supervisor:
         return drained or self.stop_level == StopLevel.GRACEFUL
 
     def scale(self, group: str, size: int) -> None:
-        self.sizes[list(self.intake).index(group)] = size
+        self.sizes[[g.name for g in self.settings.groups].index(group)] = size
         log.info("group %s: %d worker(s)", group, size)
 
     def kill_jobs(self) -> int:

@@ -172,9 +172,9 @@ def test_every_command_that_changes_something_prints_one_line(start, conn) -> No
     for args, line in (
         (("pause",), "paused every group: its workers take no new job until ctl resume"),
         (("resume",), "resumed every group: its workers take jobs again"),
-        (("reload",), "reloading: generation 2 starts; the serving one serves until it is ready"),
         (("kill-jobs",), "kill-jobs: told 1 worker(s) to kill their running job"),
         (("scale", "2"), "group default: 2 worker(s)"),
+        (("reload",), "reloading: generation 2 starts; the serving one serves until it is ready"),
     ):
         assert ok(s.run_dir, *args) == line + "\n"
     assert ok(s.run_dir, "stop") == "stopping (graceful): ctl status shows the workers left\n"
