@@ -90,7 +90,11 @@ def run(args: argparse.Namespace, demo: bool) -> int:
     except ConfigError as exc:
         print(f"resque-starter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.setup(settings.log_level, settings.log_format)
+    try:
+        logs.setup(settings.log_level, settings.log_format, settings.log_config)
+    except ConfigError as exc:
+        print(f"resque-starter: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     for line in loader.warnings(environ, settings):
         log.warning("%s", line)
     if demo:

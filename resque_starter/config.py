@@ -80,6 +80,7 @@ class Settings:
     run_dir: str = "/tmp/resque-starter"
     log_level: str = "INFO"
     log_format: str = "text"
+    log_config: str | None = None
     term: str = "graceful"
     drain_timeout: float = 25.0
     requeue_interrupted: bool = True
@@ -330,6 +331,12 @@ SETTINGS = (
         "log_format",
         kinds.choice("text", "json"),
         "log format on stderr: text, or one JSON object a line",
+        _OPS,
+    ),
+    Setting(
+        "log_config",
+        kinds.path(),
+        "a logging.config.dictConfig file (JSON; YAML with PyYAML) used instead of LOG_LEVEL and LOG_FORMAT",
         _OPS,
     ),
     Setting(

@@ -270,7 +270,7 @@ def _recovery_main(settings: Settings, request: dict[str, object], supervisor: i
     wait = REDIS_BACKOFF_FIRST
     while True:
         try:
-            result = recover_worker(
+            recover_worker(  # it logs what it recovered
                 connection,
                 str(request["worker"]),
                 list(request["queues"]),  # type: ignore[call-overload]
@@ -292,4 +292,3 @@ def _recovery_main(settings: Settings, request: dict[str, object], supervisor: i
             if os.getppid() != supervisor:
                 log.error("recovery of worker %s: the supervisor is gone; giving up", request["worker"])
                 return
-    log.info("recovered worker %s: %s", request["worker"], result)

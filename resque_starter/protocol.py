@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 MAX_LINE = 64 * 1024
+# A worker's own job counters in its "idle" events (the supervisor sums them over every worker); the event
+# after a job also says how it ended: "ended": {queue, func, outcome, duration}; "busy" has "enqueued".
+JOB_COUNTERS = ("done", "failed", "requeued")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def requeue_or_fail(
     connection: redis.Redis,
     worker_name: str = "",
     failure_callback: bool = False,
+    log_outcome: bool = True,
 ) -> str:
     """Settle a job whose execution was interrupted; return REQUEUED, RETRIED, FAILED or GONE.
 
@@ -72,7 +73,8 @@ def requeue_or_fail(
     outlives the drain cannot loop forever. A failure honours the job's rq Retry, as rq does for
     an abandoned job. In every case the execution is deleted, so nothing stays in the
     StartedJobRegistry. `failure_callback` runs the job's on_failure (with AbandonedJobError)
-    before a failure or retry, for callers where rq did not already run it.
+    before a failure or retry, for callers where rq did not already run it. The outcome is logged (a
+    requeue at INFO: nothing went wrong), unless the caller logs it in its own line (`log_outcome`).
     """
     try:
         job.refresh()  # the horse or the job may have changed status and meta since we fetched it
@@ -104,7 +106,8 @@ def requeue_or_fail(
             rq_compat.record_failure(job, exc_string, pipe, worker_name, execution)
             outcome = FAILED
         pipe.execute()
-    log.warning("job %s %s: %s", job.id, outcome, exc_string)
+    if log_outcome:
+        (log.info if outcome == REQUEUED else log.warning)("job %s %s: %s", job.id, outcome, exc_string)
     _after_commit(job, queue, outcome, exc_string)
     return outcome
 
@@ -178,7 +181,7 @@ def recover_worker(
         worker_registration.unregister(worker, pipe)
         pipe.delete(worker.key, worker.executions_key)
         pipe.execute()
-    log.info("recovered worker %s: %s", worker_name, counts)
+    log.info("recovered worker %s: %s", worker_name, " ".join(f"{k}={v}" for k, v in counts.items()))
     return counts
 
 

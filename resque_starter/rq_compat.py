@@ -62,6 +62,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "maintain_heartbeats": ("job", "execution"),
     "kill_horse": ("sig",),
     "handle_job_failure": ("job", "queue", "started_job_registry", "exc_string", "execution"),
+    "handle_work_horse_killed": ("job", "retpid", "ret_val", "rusage"),
     "teardown": (),
     "unsubscribe": (),
 }  # fmt: skip
@@ -91,6 +92,11 @@ WORK_LOOP_FORKING = (
     "prepare_execution", "set_state:busy", "fork_work_horse", "monitor_work_horse", "wait_for_horse",
     "set_state:idle", "heartbeat", "check_for_suspension",
 )  # fmt: skip
+
+
+# rq.Worker.monitor_work_horse's warning for a horse that died (args: worker name, job id, reason): a
+# horse the worker killed itself for a quick stop is a requeue, which the worker logs in its own words.
+HORSE_DIED_MESSAGE = "Worker %s: job %s failed (%s)"
 
 
 def job_state(job: Job) -> tuple[dict[str, Any], list[str]]:

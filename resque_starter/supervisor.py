@@ -38,7 +38,7 @@ from resque_starter.config import (
 from resque_starter.control_server import ControlServer
 from resque_starter.listener import Listener
 from resque_starter.process_table import Mold, Recovery, Worker, describe_status
-from resque_starter.protocol import WorkerSpec
+from resque_starter.protocol import JOB_COUNTERS, WorkerSpec
 from resque_starter.states import Intake, StopLevel, WorkerState
 
 if TYPE_CHECKING:  # imported where used: a supervisor without them does not hold them in memory
@@ -52,8 +52,6 @@ MIN_UPTIME = 5.0  # a worker that dies sooner than this, uncommanded, counts as 
 CRASH_LIMIT = 5  # consecutive crashes of one slot before giving up (exit 4)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 10.0
 QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
-# a worker's own job counters, sent in its "idle" events; Supervisor.jobs sums them over every worker
-JOB_COUNTERS = ("done", "failed", "requeued")
 HANDLED = (
     signal.SIGTERM,
     signal.SIGQUIT,

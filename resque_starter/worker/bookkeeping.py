@@ -16,6 +16,7 @@ from rq.suspension import WORKERS_SUSPENDED
 from rq.worker import WorkerStatus
 from setproctitle import setproctitle
 
+from resque_starter.protocol import JOB_COUNTERS
 from resque_starter.rq_compat import WorkerBase
 from resque_starter.worker.controls import Context, Running
 
@@ -31,6 +32,9 @@ class ReportingMixin(WorkerBase):
     _counters: list[bytes | None] | None  # read with the end of the last job
     _heartbeat_sent: bool  # with the end of the last job, for rq's loop, which sends one next
     _suspended: bool | None  # read with the end of the last job, for rq's loop's next check
+    _totals: tuple[int, int, int]  # done, failed, requeued as of the last idle event
+    _requeued: int
+    _end_note: str
 
     def procline(self, message: str) -> None:
         """rq calls this at every step; show resque-starter's title instead of rq's message."""
@@ -56,15 +60,27 @@ class ReportingMixin(WorkerBase):
         assert running is not None
         self._context.send(
             {"event": "busy", "job": running.job_id, "func": running.func, "queue": running.queue,
-             "horse": horse, "started": running.started}
+             "horse": horse, "started": running.started, "enqueued": running.enqueued}
         )  # fmt: skip
 
-    def _send_idle(self) -> None:
+    def _send_idle(self, ended: Running | None = None) -> None:
+        """The idle event: the worker's job counters and, after a job, how it ended (queue, function,
+        outcome, duration), which the supervisor's job metrics count: no Redis call of their own, the
+        counters came with the job's end (set_state). The job's last log line says the same."""
         counters, self._counters = self._counters, None
         done, failed = counters if counters is not None else self.connection.hmget(self.key, COUNTERS)
-        self._context.send(
-            {"event": "idle", "done": int(done or 0), "failed": int(failed or 0), "requeued": self._requeued}
-        )
+        totals = (int(done or 0), int(failed or 0), self._requeued)
+        message: dict[str, object] = {"event": "idle", **dict(zip(JOB_COUNTERS, totals, strict=True))}
+        if ended is not None:
+            outcome = ended.outcome(self._totals, totals)
+            duration = time.time() - ended.started
+            message["ended"] = {"queue": ended.queue, "func": ended.func, "outcome": outcome,
+                                "duration": round(duration, 6)}  # fmt: skip
+            note, self._end_note = self._end_note, ""
+            self.log.info("job %s %s in %.3fs%s", ended.job_id, outcome, duration, note and f": {note}",
+                          extra={"job_duration": round(duration, 6), "job_outcome": outcome})  # fmt: skip
+        self._totals = totals
+        self._context.send(message)
 
     # --- rq's bookkeeping, in fewer round trips ---------------------------------------------------
 

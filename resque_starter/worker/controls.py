@@ -9,7 +9,9 @@ import os
 import select
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -173,12 +175,34 @@ class Context:
         self.controls.uninstall_in_child()
 
 
+FINISHED, FAILED, REQUEUED, STOPPED = "finished", "failed", "requeued", "stopped"  # how a job ended
+
+
 @dataclass
 class Running:
+    """The job a worker (or horse) runs: what its titles, events and log lines name."""
+
     job_id: str
     func: str
     queue: str
     started: float
+    enqueued: float | None = None  # the job's enqueued_at, as a timestamp
+    stopped: bool = False  # killed on request (SIGUSR1, ctl kill-job, rq's stop-job)
+
+    @classmethod
+    def of(cls, job: Job, queue: str) -> Running:
+        enqueued = job.enqueued_at.replace(tzinfo=UTC).timestamp() if job.enqueued_at else None
+        return cls(job.id, func_name(job), queue, time.time(), enqueued)
+
+    def outcome(self, before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
+        """How the job ended, from the worker's counters (done, failed, requeued) around it: a horse's
+        success or failure reaches the worker only as rq's counters in Redis."""
+        done, failed, requeued = (b - a for a, b in zip(before, after, strict=True))
+        if requeued:
+            return REQUEUED
+        if self.stopped:
+            return STOPPED
+        return FINISHED if done and not failed else FAILED
 
 
 def func_name(job: Job) -> str:

@@ -7,7 +7,6 @@ import io
 import os
 import pickle
 import signal
-import time
 from typing import Any
 
 from rq.executions import Execution
@@ -15,8 +14,8 @@ from rq.job import Job, Retry
 from rq.queue import Queue
 from rq.serializers import DefaultSerializer, JSONSerializer
 
-from resque_starter import prefork, rq_compat
-from resque_starter.worker.controls import Running, func_name
+from resque_starter import logs, prefork, rq_compat
+from resque_starter.worker.controls import Running
 from resque_starter.worker.mixin import StarterMixin
 
 DONE = b"done"  # a pre-forked horse's report when it finished its job the rq way, to the end
@@ -238,6 +237,7 @@ class PreforkHorseMixin(StarterMixin):
         """Forget the worker's job, if any, and connect to Redis before a job comes (best effort)."""
         rq_compat.become_horse(self)
         self._running = None
+        logs.set_job(None)  # a forker forked during a job would pass that job's tags on
         self.executions = {}
         self.setup_work_horse_signals()  # type: ignore[attr-defined]
         self._set_title("horse pre-forked, waiting for a job")
@@ -253,7 +253,8 @@ class PreforkHorseMixin(StarterMixin):
         execution = rq_compat.restore_execution(execution_id, job, self.connection, self.name, times)
         self.executions = {execution.id: execution}
         queue = next(q for q in self.queues if q.name == queue_name)
-        self._running = Running(job.id, func_name(job), queue.name, time.time())
+        self._running = Running.of(job, queue.name)
+        logs.set_job(job.id, self._running.func, queue.name)
         self._report = report
         self.main_work_horse(job, queue)  # type: ignore[attr-defined]
 

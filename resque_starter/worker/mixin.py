@@ -10,7 +10,6 @@ import gc
 import logging
 import os
 import signal
-import time
 from typing import Any, NoReturn
 
 import redis
@@ -22,7 +21,7 @@ from rq.queue import Queue
 from rq.worker import Worker as ForkingWorker
 from rq.worker import WorkerStatus
 
-from resque_starter import claims, recovery
+from resque_starter import claims, logs, recovery, rq_compat
 from resque_starter.worker.bookkeeping import ReportingMixin
 from resque_starter.worker.controls import (
     KILL_JOB,
@@ -32,7 +31,6 @@ from resque_starter.worker.controls import (
     Context,
     JobInterrupted,
     Running,
-    func_name,
 )
 from resque_starter.worker.dequeue import ClaimingMixin
 
@@ -70,14 +68,18 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         self._performing = False
         self._jobs_done = 0
         self._requeued = 0
+        self._killed_horse = 0
+        self._end_note = ""  # why the job ended, when the worker itself ended it (a quick stop)
         self._in_process = False
         self._state_title = "starting"
         self._claim_first = None
         self._counters: list[bytes | None] | None = None  # read with the end of the last job
         self._heartbeat_sent = False  # with the end of the last job, for rq's loop, which sends one next
         self._suspended: bool | None = None  # read with the end of the last job, for rq's loop's next check
+        self._totals = (0, 0, 0)  # a worker's counters in Redis start at zero: its name is new
         super().__init__(*args, **kwargs)
         self._claim_first = claims.claim_script(self.connection)
+        self.log.addFilter(self._quiet_quick_stop)
 
     # rq's work loop reads and writes this flag; ours is the single source of truth, and a stop once
     # requested is never withdrawn (BaseWorker.__init__ assigns False).
@@ -113,7 +115,8 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
     # --- running a job -------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        self._running = Running(job.id, func_name(job), queue.name, time.time())
+        running = self._running = Running.of(job, queue.name)
+        logs.set_job(job.id, running.func, queue.name)  # every log line until the job's end names it
         refork_after = self._context.settings.refork_after
         try:
             if self._controls.stop:  # it came after the claim: teardown puts the job back
@@ -122,13 +125,18 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
             # what it loads lazily (imports, caches) stays here, and so in the mold this may become
             self._in_process = self._jobs_done + 1 == refork_after
             super().execute_job(job, queue)
+        except BaseException:
+            logs.set_job(None)
+            raise
         finally:
             self._in_process = False
             self._running = None
             self._interrupts.clear()
             self._performing = False
         self._jobs_done += 1
-        self._send_idle()
+        running.stopped = running.stopped or self._stopped_job_id == job.id
+        self._send_idle(running)
+        logs.set_job(None)
         if self._jobs_done == refork_after:
             self._context.send({"event": "promote-ready", "jobs": self._jobs_done})
         self._recycle_if_due()
@@ -207,7 +215,9 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
                 os.kill(pid, sig)
         except ProcessLookupError:
             return
-        self.log.info("Worker %s: killed horse pid %s", self.name, pid)
+        if pid != self._killed_horse:  # a second signal (a terminal's ^C, then the supervisor's) kills again
+            self._killed_horse = pid
+            self.log.info("Worker %s: killed horse pid %s", self.name, pid)
 
     def interrupt_job(self, kind: str) -> None:
         """Signal handler side of SIGINT / SIGUSR1: kill the horse, or raise inside a SimpleWorker's
@@ -216,6 +226,7 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         if running is None:
             return
         self._interrupts[running.job_id] = kind
+        running.stopped = running.stopped or kind == KILL_JOB
         if self.horse_pid:
             self.kill_horse()
         elif self._performing:
@@ -242,11 +253,13 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
                 queue,
                 execution,
                 max_requeues=self._context.settings.max_requeues,
-                reason=f"{QUICK_STOP_REASON}\n{exc_string}".rstrip(),
+                reason=QUICK_STOP_REASON,  # the horse's death or JobInterrupted: ours, not news
                 requeue=self._context.settings.requeue_interrupted,
                 connection=self.connection,
                 worker_name=self.name,
+                log_outcome=False,  # the job's last line (_send_idle) says it, with the reason
             )
+            self._end_note = QUICK_STOP_REASON
             self.executions.pop(execution.id, None)
             if outcome in (recovery.FAILED, recovery.RETRIED):
                 self.increment_failed_job_count()
@@ -255,6 +268,21 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         if kind == KILL_JOB:
             exc_string = f"{KILL_JOB_REASON}\n{exc_string}"
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
+    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+        """rq warns of every horse that died; one the worker killed for a quick stop is requeued, which
+        requeue_or_fail logs (rq's handler, if any, still runs)."""
+        if self._interrupts.get(job.id) != QUICK_STOP:
+            super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        elif self._work_horse_killed_handler is not None:
+            self._work_horse_killed_handler(job, retpid, ret_val, rusage)
+
+    def _quiet_quick_stop(self, record: logging.LogRecord) -> bool:
+        """A filter on rq's worker logger: drop rq's "job failed (Work-horse terminated unexpectedly)"
+        for a job this worker's quick stop interrupted: it is requeued, not failed."""
+        if record.msg != rq_compat.HORSE_DIED_MESSAGE or not isinstance(record.args, tuple):
+            return True
+        return self._interrupts.get(str(record.args[1])) != QUICK_STOP
 
     def teardown(self) -> None:
         """Give back what this worker still holds before rq unregisters it: claims to the front of
