@@ -1,10 +1,11 @@
 """Logging on stderr as text or JSON lines, one line per record, every record tagged with the process
 role and, while a job runs, the job (id, function, queue; at its end also duration and outcome).
 
-The tags are attributes of every LogRecord (a record factory, not a handler's filter), so a user's own
-logging configuration (RESQUE_STARTER_LOG_CONFIG, a `logging.config.dictConfig` file) can use them too:
-`%(role)s`, `%(job_id)s`, `%(job_func)s`, `%(job_queue)s`, or the formatters below by name
-(`resque_starter.logs.TextFormatter`, `resque_starter.logs.JsonFormatter`).
+The tags go on every LogRecord under one attribute of ours (a record factory, so records from any
+logger, handler or configuration have them, and rq's or an app's own `extra={"job_id": ...}` never
+collides with them). `ContextFilter` copies them to `role`, `job_id`, `job_func` and `job_queue` for
+the formats of a user's own logging configuration (RESQUE_STARTER_LOG_CONFIG, a dictConfig file),
+which may also use the formatters below by name (`resque_starter.logs.TextFormatter`, `...JsonFormatter`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from resque_starter.errors import PREFIX, ConfigError
 _role = "supervisor"
 _job: tuple[str, str, str] | None = None  # (id, function, queue) of the job this process runs
 
-# What a record carries about its job, in this order, in both formats; the end of a job adds the last two
-# (logged with extra={"job_duration": seconds, "job_outcome": outcome}).
+TAGS = "resque_starter"  # the LogRecord attribute: (role, (job id, function, queue) or None)
+# What a record carries about its job, in both formats; the end of a job adds the last two (logged with
+# extra={"job_duration": seconds, "job_outcome": outcome}).
 JOB_FIELDS = ("job_id", "job_func", "job_queue", "job_duration", "job_outcome")
 _TEXT_KEYS = {"job_id": "job", "job_func": "func", "job_queue": "queue", "job_duration": "duration",
               "job_outcome": "outcome"}  # fmt: skip
@@ -32,9 +34,7 @@ LOG_CONFIG_ENV = PREFIX + "LOG_CONFIG"
 def _tagged_factory(make: Any) -> Any:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record: logging.LogRecord = make(*args, **kwargs)
-        record.role = _role
-        job_id, func, queue = _job or (None, None, None)
-        record.job_id, record.job_func, record.job_queue = job_id, func, queue
+        setattr(record, TAGS, (_role, _job))
         return record
 
     factory.resque_starter = True  # type: ignore[attr-defined]
@@ -47,8 +47,23 @@ def _install_factory() -> None:
         logging.setLogRecordFactory(_tagged_factory(current))
 
 
-def _job_items(record: logging.LogRecord) -> list[tuple[str, Any]]:
-    return [(name, value) for name in JOB_FIELDS if (value := getattr(record, name, None)) is not None]
+def _tags(record: logging.LogRecord) -> tuple[str, list[tuple[str, Any]]]:
+    """The record's role and its job fields (name, value), in JOB_FIELDS order."""
+    role, job = getattr(record, TAGS, (_role, None))
+    items = list(zip(JOB_FIELDS, job, strict=False)) if job else []
+    items += [(name, value) for name in JOB_FIELDS[3:] if (value := getattr(record, name, None)) is not None]
+    return role, items
+
+
+class ContextFilter(logging.Filter):
+    """For a user's own formats: sets %(role)s and %(job_id)s, %(job_func)s, %(job_queue)s (empty
+    outside a job) on each record, leaving any the record already has (an `extra` of the caller's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        role, items = _tags(record)
+        for name, value in {"role": role, **dict.fromkeys(JOB_FIELDS[:3], ""), **dict(items)}.items():
+            record.__dict__.setdefault(name, value)
+        return True
 
 
 class TextFormatter(logging.Formatter):
@@ -56,12 +71,14 @@ class TextFormatter(logging.Formatter):
     the message or a traceback is written as the two characters \\n, so no line lacks its prefix."""
 
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s [%(role)s %(process)d%(job)s] %(message)s")
+        super().__init__("%(asctime)s %(levelname)-7s [%(starter_tags)s] %(message)s")
         self.converter = time.gmtime
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        items = _job_items(record)
-        record.job = "".join(f" {_TEXT_KEYS[k]}={_shown(v)}" for k, v in items)
+        role, items = _tags(record)
+        record.starter_tags = f"{role} {record.process}" + "".join(
+            f" {_TEXT_KEYS[k]}={_shown(v)}" for k, v in items
+        )
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -77,15 +94,16 @@ class JsonFormatter(logging.Formatter):
     (job_id, job_func, job_queue; at its end job_duration in seconds and job_outcome), exc."""
 
     def format(self, record: logging.LogRecord) -> str:
+        role, items = _tags(record)
         entry: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname,
-            "role": getattr(record, "role", _role),
+            "role": role,
             "pid": record.process,
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update(_job_items(record))
+        entry.update(items)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

@@ -164,7 +164,7 @@ def test_a_horse_that_died_idle_is_replaced(start: Start, conn: redis.Redis) -> 
     job = Queue("default", connection=conn).enqueue("testjobs.record")
     horse = worker.expect("busy")["horse"]
     assert horse not in (spare, worker.pid)
-    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 0, "requeued": 0}
+    worker.expect_idle(1, 0, 0)
     assert done_ids(conn) == [job.id]
     assert process_state(spare) is None, "the dead one was reaped"
 
@@ -190,7 +190,7 @@ def test_job_timeout_kills_the_job_and_the_worker_goes_on(
     worker.expect("ready")
     job = queue.enqueue("testjobs.sleep_then_record", 30, job_timeout=1)
     worker.expect("busy")
-    assert worker.expect("idle", timeout=15) == {"event": "idle", "done": 0, "failed": 1, "requeued": 0}
+    worker.expect_idle(0, 1, 0, timeout=15)
     assert job.get_status() == JobStatus.FAILED
     assert "JobTimeoutException" in latest_failure(job)
     after = queue.enqueue("testjobs.record")
@@ -215,7 +215,7 @@ def test_results_and_retries_as_in_rq(start: Start, conn: redis.Redis, worker_cl
     assert "RuntimeError: on purpose" in latest_failure(failing)
     good = queue.enqueue("testjobs.record")
     worker.expect("busy")
-    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 3, "requeued": 0}
+    worker.expect_idle(1, 3, 0)
     assert Job.fetch(good.id, connection=conn).return_value() == "recorded"
 
 
@@ -278,7 +278,7 @@ def test_a_forker_killed_mid_job_fails_the_job_as_rq_and_is_replaced(start: Star
     horse = worker.expect("busy")["horse"]
     wait_for(lambda: conn.llen("testjobs:done:started"), what="the job to start")
     os.kill(forker, signal.SIGKILL)
-    assert worker.expect("idle", timeout=15) == {"event": "idle", "done": 0, "failed": 1, "requeued": 0}
+    worker.expect_idle(0, 1, 0, timeout=15)
     assert job.get_status() == JobStatus.FAILED
     assert "Work-horse terminated unexpectedly" in latest_failure(job)
     wait_for(lambda: gone(horse), what="the horse to die with its forker")

@@ -204,7 +204,13 @@ def test_the_end_of_a_job_is_one_round_trip(
     assert conn.hget(worker.key, "state") == b"idle"
     assert conn.ttl(worker.key) > 60
     events = LineBuffer().feed(supervisor.recv(65536))
-    assert events[-1] == {"event": "idle", "done": 1, "failed": 0, "requeued": 0}
+    assert {k: events[-1][k] for k in ("event", "done", "failed", "requeued")} == {
+        "event": "idle",
+        "done": 1,
+        "failed": 0,
+        "requeued": 0,
+    }
+    assert events[-1]["ended"]["outcome"] == "finished"
     suspend(conn)
     Queue("default", connection=conn).enqueue("testjobs.length", "five")
     claimed = worker._claim(block=False)

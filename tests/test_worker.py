@@ -91,13 +91,14 @@ def test_runs_jobs_and_reports_events_in_order(start: Start, conn: redis.Redis, 
         assert isinstance(busy["horse"], int) and busy["horse"] != worker.pid
     else:
         assert busy["horse"] is None
-    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 0, "requeued": 0}
+    ended = worker.expect_idle(1, 0, 0, "finished")["ended"]
+    assert (ended["queue"], ended["func"]) == ("default", "testjobs.record") and ended["duration"] > 0
     assert done_ids(conn) == [job.id]
     assert job.get_status() == JobStatus.FINISHED
 
     queue.enqueue("testjobs.fail")
     worker.expect("busy")
-    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 1, "requeued": 0}
+    worker.expect_idle(1, 1, 0, "failed")
 
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
@@ -248,7 +249,7 @@ def test_int_requeues_the_running_job_at_the_front(
     worker, job, waiting = start_long_job(start, conn, worker_class=worker_class)
     began = time.monotonic()
     worker.signal(signal.SIGINT)
-    assert worker.expect("idle")["requeued"] == 1, "the supervisor counts requeues from idle events"
+    worker.expect_idle(0, 0, 1, "requeued")  # the supervisor counts requeues from idle events
     assert worker.wait() == 0
     assert time.monotonic() - began < 5
     queue = Queue("default", connection=conn)
@@ -273,8 +274,7 @@ def test_int_fails_the_job_after_max_requeues(start: Start, conn: redis.Redis, w
     assert again.expect("busy")["job"] == job.id  # requeued at the front
     wait_for(lambda: done_ids(conn, "done:started").count(job.id) == 2, what="the second run")
     again.signal(signal.SIGINT)
-    idle = again.expect("idle")
-    assert (idle["failed"], idle["requeued"]) == (1, 0), "failed after max requeues, not requeued again"
+    again.expect_idle(0, 1, 0, "failed")  # failed after max requeues, not requeued again
     assert again.wait() == 0
     assert job.get_status() == JobStatus.FAILED
     assert job.id in FailedJobRegistry("default", connection=conn)
@@ -303,12 +303,12 @@ def test_usr1_kills_the_job_and_the_worker_goes_on(
 ) -> None:
     worker, job, waiting = start_long_job(start, conn, worker_class=worker_class)
     worker.signal(signal.SIGUSR1)
-    assert worker.expect("idle") == {"event": "idle", "done": 0, "failed": 1, "requeued": 0}
+    worker.expect_idle(0, 1, 0, "stopped")  # the job metrics' outcome: stopped on request
     assert job.get_status() == JobStatus.FAILED  # failed, not "stopped"
     assert job.id in FailedJobRegistry("default", connection=conn)
     assert "SIGUSR1" in latest_failure(job)
     assert worker.expect("busy")["job"] == waiting.id
-    assert worker.expect("idle") == {"event": "idle", "done": 1, "failed": 1, "requeued": 0}
+    worker.expect_idle(1, 1, 0)
     assert worker.poll() is None
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0

@@ -62,6 +62,18 @@ class WorkerProcess:
         assert message.get("event") == event, f"expected {event!r}, got {message}; seen: {self.seen}"
         return message
 
+    def expect_idle(self, done: int, failed: int, requeued: int, outcome: str | None = None,
+                    timeout: float = 10.0) -> dict[str, Any]:  # fmt: skip
+        """The next event must be `idle` with these job counters; after a job it also says how the job
+        ended (`outcome`, when given, must match)."""
+        message = self.expect("idle", timeout)
+        counters = {k: message[k] for k in ("done", "failed", "requeued")}
+        assert counters == {"done": done, "failed": failed, "requeued": requeued}, message
+        assert set(message) <= {"event", "done", "failed", "requeued", "ended"}, message
+        if outcome is not None:
+            assert message["ended"]["outcome"] == outcome, message
+        return message
+
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
 
