@@ -50,6 +50,9 @@ class Supervised(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def job_stats(self) -> dict[str, Any]:
+        """The job metrics' histograms (job_stats.JobStats.snapshot)."""
+
     def health(self, check: str) -> Reply: ...
 
 
@@ -110,6 +113,10 @@ def _not_stopping(sup: Supervised) -> None:
 
 def _status(sup: Supervised, request: Request) -> Reply:
     return {"ok": True, "status": sup.status()}
+
+
+def _job_stats(sup: Supervised, request: Request) -> Reply:
+    return {"ok": True, "job_stats": sup.job_stats()}
 
 
 def _mem(sup: Supervised, request: Request) -> Reply:
@@ -185,6 +192,7 @@ def _kill(sup: Supervised, request: Request) -> Reply:
 
 COMMANDS: dict[str, Callable[[Supervised, Request], Reply]] = {
     "status": _status,
+    "job-stats": _job_stats,
     "mem": _mem,
     "health": _health,
     "scale": _scale,
@@ -196,4 +204,9 @@ COMMANDS: dict[str, Callable[[Supervised, Request], Reply]] = {
     "kill-jobs": _kill_jobs,
     "kill": _kill,
 }
-CHANGES = frozenset(COMMANDS) - {"status", "mem", "health"}  # the commands that change desired state
+CHANGES = frozenset(COMMANDS) - {
+    "status",
+    "job-stats",
+    "mem",
+    "health",
+}  # the commands that change desired state

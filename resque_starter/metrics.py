@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import selectors
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -186,3 +186,39 @@ class _Collector:
                 pss.add_metric(row, w["pss"])
         yield uss
         yield pss
+        yield from _job_metrics(self._dispatch({"cmd": "job-stats"})["job_stats"])
+
+
+def _job_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
+    """The job histograms (job_stats.JobStats.snapshot) as Prometheus histograms: cumulative buckets."""
+    from prometheus_client.metrics_core import HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    duration = HistogramMetricFamily(
+        "resque_starter_job_duration_seconds",
+        "Jobs run, by how they ended (finished, failed, requeued, stopped), and how long they took.",
+        labels=["queue", "func", "outcome"],
+    )
+    for row in stats["duration"]:
+        labels = [row["queue"], row["func"], row["outcome"]]
+        duration.add_metric(labels, _buckets(stats["duration_buckets"], row, floatToGoString), row["sum"])
+    yield duration
+    wait = HistogramMetricFamily(
+        "resque_starter_job_wait_seconds",
+        "Jobs started, and how long each waited in its queue (enqueued to started).",
+        labels=["queue"],
+    )
+    for row in stats["wait"]:
+        wait.add_metric([row["queue"]], _buckets(stats["wait_buckets"], row, floatToGoString), row["sum"])
+    yield wait
+
+
+def _buckets(
+    bounds: list[float], row: dict[str, Any], shown: Callable[[float], str]
+) -> list[tuple[str, float]]:
+    """Prometheus's buckets: cumulative counts, each under its bound as Prometheus writes it (le="1.0")."""
+    cumulative, total = [], 0
+    for bound, count in zip([*map(shown, bounds), "+Inf"], row["counts"], strict=True):
+        total += count
+        cumulative.append((bound, total))
+    return cumulative

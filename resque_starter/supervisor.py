@@ -36,6 +36,7 @@ from resque_starter.config import (
     Settings,
 )
 from resque_starter.control_server import ControlServer
+from resque_starter.job_stats import JobStats
 from resque_starter.listener import Listener
 from resque_starter.process_table import Mold, Recovery, Worker, describe_status
 from resque_starter.protocol import JOB_COUNTERS, WorkerSpec
@@ -93,6 +94,7 @@ class Supervisor:
         self.restarts = 0
         self.reloads = 0
         self.jobs = dict.fromkeys(JOB_COUNTERS, 0)
+        self.job_metrics = JobStats()  # from the workers' busy and idle events
         self._seq = 0
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
@@ -770,9 +772,11 @@ class Supervisor:
                     w.pid = int(message.get("pid", 0)) or None
             elif event == "busy":
                 w.state, w.job = WorkerState.BUSY, message
+                self.job_metrics.started(message)
             elif event == "idle":
                 w.state, w.job = (WorkerState.PAUSED if w.paused else WorkerState.IDLE), None
                 self._count_jobs(w, message)
+                self.job_metrics.ended(message.get("ended"))
             elif event == "paused" and w.state != WorkerState.BUSY:
                 w.state = WorkerState.PAUSED
             elif event == "resumed" and w.state == WorkerState.PAUSED:
@@ -879,6 +883,9 @@ class Supervisor:
             "redis_url": config.mask_url(self.settings.redis_url or ""),
             "app": list(self.settings.app),
         }
+
+    def job_stats(self) -> dict[str, Any]:
+        return self.job_metrics.snapshot()
 
     def health(self, check: str) -> dict[str, Any]:
         """live: the loop answers and a mold serves; ready: also not stopping, a worker registered with rq
