@@ -97,6 +97,8 @@ class Settings:
     refork_after: int | None = None
     prefork_horse: bool = False
     metrics_port: int | None = None
+    pod_deletion_cost: bool = False
+    pod_deletion_cost_interval: float = 10.0
     hooks: Hooks = field(default_factory=Hooks)
 
     def for_group(self, index: int) -> Settings:
@@ -343,6 +345,18 @@ SETTINGS = (
         "metrics_port",
         kinds.off(kinds.whole(1, 65535)),
         "serve /healthz, /readyz and /metrics on this port",
+        _OPS,
+    ),
+    Setting(
+        "pod_deletion_cost",
+        kinds.BOOLEAN,
+        "set the pod's controller.kubernetes.io/pod-deletion-cost to its busy workers (needs RBAC)",
+        _OPS,
+    ),
+    Setting(
+        "pod_deletion_cost_interval",
+        kinds.duration(3600, allow_zero=False),
+        "at most one PATCH of that annotation per this long, and only when it changed",
         _OPS,
     ),
 )

@@ -43,6 +43,7 @@ from resque_starter.protocol import JOB_COUNTERS, WorkerSpec
 from resque_starter.states import Intake, StopLevel, WorkerState
 
 if TYPE_CHECKING:  # imported where used: a supervisor without them does not hold them in memory
+    from resque_starter.deletion_cost import Annotator
     from resque_starter.embedded_redis import EmbeddedRedis
     from resque_starter.metrics import MetricsServer
 
@@ -101,6 +102,7 @@ class Supervisor:
         self._redis: EmbeddedRedis | None = None
         self._control: ControlServer | None = None
         self._metrics: MetricsServer | None = None
+        self._annotator: Annotator | None = None
         self._pid_file_written: str | None = None
         self._name_prefix = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(2).hex()}"
 
@@ -154,6 +156,10 @@ class Supervisor:
             )
             self.settings = dataclasses.replace(self.settings, redis_url=self._redis.url)
         self._control = ControlServer(self.settings.run_dir, self._selector, self.command)
+        if self.settings.pod_deletion_cost:
+            from resque_starter import deletion_cost
+
+            self._annotator = deletion_cost.Annotator(deletion_cost.target(self._environ, self.settings))
         if self.settings.metrics_port is not None:
             from resque_starter.metrics import MetricsServer
 
@@ -172,6 +178,8 @@ class Supervisor:
             self._stop_mold(mold)
         if self._redis is not None:
             self._redis.stop()
+        if self._annotator is not None:
+            self._annotator.close()  # its child exits at the end of its input
         # anything left (molds, embedded redis) is reaped so nothing becomes a zombie of our parent
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -361,6 +369,8 @@ class Supervisor:
             self._converge_stop()
         self._converge_pause()
         self._converge_recoveries()
+        if self._annotator is not None:  # idle pods first: the cost is the busy workers
+            self._annotator.update(sum(w.state == WorkerState.BUSY for w in self.workers.values()))
         setproctitle(self._title())
 
     def _reap(self) -> None:
@@ -389,6 +399,8 @@ class Supervisor:
                     log.error("recovery of %s failed (%s)", r.worker, describe_status(status))
                 return
         self._horse_gone(pid)  # a dead worker's horse, killed by us, may be ours to reap
+        if self._annotator is not None and self._annotator.exited(pid):
+            return
         if self._redis is not None and pid == self._redis.pid:
             log.error("embedded redis-server exited (%s); restarting it", describe_status(status))
             self._redis.restart()
@@ -638,6 +650,8 @@ class Supervisor:
             self._control.close_in_child()
         if self._metrics is not None:
             self._metrics.close_in_child()
+        if self._annotator is not None:
+            self._annotator.close()
         for m in self.molds.values():
             m.sock.close()
         for w in self.workers.values():
