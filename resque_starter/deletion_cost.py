@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import select
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -64,7 +65,7 @@ def target(environ: dict[str, str], settings: Settings) -> Target:
         if not os.access(path, os.R_OK):
             raise ConfigError(ENV, "true", f"a service account token and CA in {SERVICE_ACCOUNT} ({path})")
     namespace = environ.get("POD_NAMESPACE") or _read(f"{SERVICE_ACCOUNT}/namespace")
-    pod = environ.get("POD_NAME") or environ.get("HOSTNAME")
+    pod = environ.get("POD_NAME") or environ.get("HOSTNAME") or socket.gethostname()  # a pod's is its name
     if not namespace or not pod:
         raise ConfigError(
             ENV, "true", "POD_NAME and POD_NAMESPACE from the downward API (see docs/kubernetes.md)"

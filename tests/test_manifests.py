@@ -26,7 +26,8 @@ K8S_VERSION = "1.30.0"
 CORE_KINDS = {"ConfigMap", "Deployment", "PodDisruptionBudget"}
 CORE_API_VERSIONS = {"v1", "apps/v1", "policy/v1"}
 # What `kubectl apply -k DIR` applies, for every kustomization a user is told to apply.
-LAYOUTS = {"k8s": K8S, "k8s/with-keda": K8S / "with-keda", "examples/k8s": ROOT / "examples" / "k8s"}
+LAYOUTS = {"k8s": K8S, "k8s/with-keda": K8S / "with-keda", "k8s/idle-pods-first": K8S / "idle-pods-first",
+           "examples/k8s": ROOT / "examples" / "k8s"}  # fmt: skip
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "components", "images", "patches"}
 
 
@@ -56,17 +57,19 @@ def identity(doc: dict[str, Any]) -> tuple[str, str]:
     return doc["kind"], doc["metadata"]["name"]
 
 
-def kustomize(path: Path) -> list[dict[str, Any]]:
+def kustomize(path: Path, docs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """`kustomize build PATH` with PyYAML, for machines without kubectl (Debian's is too old for
     components): resources (files, kustomization directories), components, images, and patches of
     maps: what our kustomizations use. Anything else fails, so it cannot go unchecked;
     test_offline_rendering_matches_kubectl_kustomize compares the result with kubectl's."""
     spec = documents(path / "kustomization.yaml")[0]
     assert set(spec) <= KUSTOMIZATION_FIELDS, f"{path}: unsupported fields {set(spec) - KUSTOMIZATION_FIELDS}"
-    docs: list[dict[str, Any]] = []
-    for entry in [*spec.get("resources", []), *spec.get("components", [])]:
+    docs = [] if docs is None else docs  # a component adds to, and patches, its parent's documents
+    for entry in spec.get("resources", []):
         target = path / entry
         docs += kustomize(target) if target.is_dir() else documents(target)
+    for entry in spec.get("components", []):
+        kustomize(path / entry, docs)
     for patch_entry in spec.get("patches", []):
         [patch] = documents(path / patch_entry["path"])
         [doc] = [d for d in docs if identity(d) == identity(patch)]
@@ -417,3 +420,29 @@ def test_dockerfile_keeps_resque_starter_as_pid_1() -> None:
     assert re.search(r"^HEALTHCHECK .*\n?.*resque-starter ctl health --live", text, re.M)
     assert re.search(r"^USER 10001", text, re.M)
     assert re.search(r"^ARG BASE_IMAGE=", text, re.M)
+
+
+def test_the_pod_deletion_cost_component_grants_patch_on_pods_to_the_pods_service_account() -> None:
+    """k8s/idle-pods-first: with-keda plus RBAC and the setting; nothing else changes."""
+    kubernetes_validate = require("kubernetes_validate", "kubernetes-validate")
+    docs = rendered("k8s/idle-pods-first")
+    added = [doc for doc in docs if doc not in rendered("k8s/with-keda")]
+    assert sorted(doc["kind"] for doc in added) == [
+        "ConfigMap",
+        "Deployment",
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+    ]
+    for doc in added:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    pod = one("Deployment", "k8s/idle-pods-first")["spec"]["template"]["spec"]
+    account = one("ServiceAccount", "k8s/idle-pods-first")["metadata"]["name"]
+    assert pod["serviceAccountName"] == account and pod["automountServiceAccountToken"] is True
+    role, binding = one("Role", "k8s/idle-pods-first"), one("RoleBinding", "k8s/idle-pods-first")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}  # fmt: skip
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    assert env("k8s/idle-pods-first")["RESQUE_STARTER_POD_DELETION_COST"] == "true"
+    assert "RESQUE_STARTER_POD_DELETION_COST" not in env("k8s/with-keda"), "off unless the component is added"
