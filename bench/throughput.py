@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import common
 import idle
+import metrics_cost
 from common import RedisServer, System
 from rq import Queue
 
@@ -200,6 +201,7 @@ def main() -> None:
         print(f"[overhead] {plan.cpu_seconds:g} s idle, {plan.cpu_seconds:g} s busy ...", flush=True)
         cpu = overhead(server, plan.cpu_seconds)
         idle_rows = idle.measure(server, plan.latency_samples, plan.quit_samples)
+        metrics = metrics_cost.measure(server, plan.jobs, 2 * plan.runs)
     machine = f"Machine: {before} (before) / {common.machine().rsplit('; ', 1)[1]} (after)"
     report(
         machine,
@@ -210,6 +212,7 @@ def main() -> None:
         cpu,
         plan,
         idle.table(idle_rows, plan.latency_samples, plan.quit_samples),
+        metrics,
     )
     labels = list(speeds)
     chart = common.bar_chart(
@@ -232,6 +235,7 @@ def report(
     cpu: dict[str, float],
     plan: Plan,
     idle_table: str,
+    metrics: dict[str, float],
 ) -> None:
     labels = list(speeds)
     rs, prefork, pool = labels[0], labels[2], labels[3]
@@ -272,6 +276,7 @@ def report(
         ["no-op: prefork horse / rq worker-pool", f"{noop[prefork]:.2f}x", ">= 2x", noop[prefork] >= 2],
         ["TTIN -> registered, median", f"{ms(ttin)} ms", "<= 100 ms", common.median(ttin) <= 100],
         ["idle supervisor + mold CPU", f"{cpu['idle']:.3f} s/min", "<= 0.1 s/min", cpu["idle"] <= 0.1],
+        metrics_cost.row(metrics),
     ]
     lines += [
         "Targets (issue 8)",
