@@ -4,7 +4,9 @@ finished, failed, stopped (ctl kill) and requeued (a worker's quick stop)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -142,3 +144,15 @@ def test_function_labels_are_capped_and_bad_events_are_ignored() -> None:
     [wait] = snapshot["wait"]
     assert (wait["queue"], wait["count"], wait["sum"]) == ("default", 1, 0.5)
     assert wait["counts"][snapshot["wait_buckets"].index(0.5)] == 1
+
+
+def test_the_sample_dashboard_queries_only_documented_metrics() -> None:
+    dashboard = json.loads((ROOT / "examples" / "grafana" / "resque-starter.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", name)
+        for e in exprs
+        for name in re.findall(r"resque_starter_\w+", e)
+    }
+    assert used and used <= documented_metrics(), used - documented_metrics()
+    assert {"resque_starter_job_duration_seconds", "resque_starter_job_wait_seconds"} <= used
