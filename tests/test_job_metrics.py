@@ -17,12 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 from rq import Queue
 from rq.job import Job, JobStatus
-from test_ctl import http_get
+from test_ctl import documented_metrics, http_get
 
 from resque_starter.job_stats import DURATION_BUCKETS, OTHER, JobStats
 
 from conftest import free_port, wait_for
-from starter import base_env, ok
+from starter import ROOT, base_env, ok
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
