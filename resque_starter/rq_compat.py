@@ -94,9 +94,14 @@ WORK_LOOP_FORKING = (
 )  # fmt: skip
 
 
-# rq.Worker.monitor_work_horse's warning for a horse that died (args: worker name, job id, reason): a
-# horse the worker killed itself for a quick stop is a requeue, which the worker logs in its own words.
-HORSE_DIED_MESSAGE = "Worker %s: job %s failed (%s)"
+# rq's log lines for a job that ended by an exception or the death of its horse, the job's id their second
+# argument: monitor_work_horse's warning, handle_exception's error. For a job the worker itself interrupted
+# for a quick stop (it killed the horse, or raised JobInterrupted) they are not news: the job is requeued,
+# which the worker logs in its own words.
+JOB_FAILED_MESSAGES = (
+    "Worker %s: job %s failed (%s)",
+    "Worker %s: job %s: exception raised while executing (%s)\n%s",
+)
 
 
 def job_state(job: Job) -> tuple[dict[str, Any], list[str]]:

@@ -96,8 +96,11 @@ def test_json_lines_name_the_job_while_it_runs_and_its_end_says_duration_and_out
     assert not any("job_id" in e for e in entries if "Listening on" in e["msg"])
 
 
-def test_a_quick_stop_logs_its_requeue_once_as_a_requeue_and_no_line_lacks_its_prefix(start, conn) -> None:
-    s = start(RESQUE_STARTER_CONCURRENCY="1")
+@pytest.mark.parametrize("worker_class", ["rq.Worker", "rq.SimpleWorker"])
+def test_a_quick_stop_logs_its_requeue_once_as_a_requeue_and_no_line_lacks_its_prefix(
+    start, conn, worker_class: str
+) -> None:
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_WORKER_CLASS=worker_class)
     s.wait_workers(1)
     bad = enqueue(conn, "testjobs.fail", "first line\nsecond line")
     wait_status(bad, JobStatus.FAILED)
@@ -114,7 +117,7 @@ def test_a_quick_stop_logs_its_requeue_once_as_a_requeue_and_no_line_lacks_its_p
     ends = [line for line in mine if "outcome=" in line]
     assert len(ends) == 1 and " outcome=requeued]" in ends[0] and "quick stop, SIGINT" in ends[0], ends
     assert sum("requeued" in line for line in mine) == 1, mine
-    assert len([line for line in lines if "killed horse pid" in line]) == 1
+    assert len([line for line in lines if "killed horse pid" in line]) == (worker_class == "rq.Worker")
     tags = {m.group("id", "func", "queue") for line in mine if (m := TEXT_JOB.search(line))}
     assert tags == {(job.id, "testjobs.sleep_then_record", "default")}
 

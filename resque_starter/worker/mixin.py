@@ -279,8 +279,9 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
 
     def _quiet_quick_stop(self, record: logging.LogRecord) -> bool:
         """A filter on rq's worker logger: drop rq's "job failed (Work-horse terminated unexpectedly)"
-        for a job this worker's quick stop interrupted: it is requeued, not failed."""
-        if record.msg != rq_compat.HORSE_DIED_MESSAGE or not isinstance(record.args, tuple):
+        and "exception raised while executing" for a job this worker's quick stop interrupted: it is
+        requeued, not failed."""
+        if record.msg not in rq_compat.JOB_FAILED_MESSAGES or not isinstance(record.args, tuple):
             return True
         return self._interrupts.get(str(record.args[1])) != QUICK_STOP
 
