@@ -545,7 +545,8 @@ def _parse(var: _Var, raw: _Raw) -> Any:
     try:
         return var.parse(raw.value)
     except _Invalid as e:
-        shown = mask_url(raw.value) if var.field == "redis_url" and isinstance(raw.value, str) else raw.value
+        secret = var.field == "redis_url" and isinstance(raw.value, str)
+        shown = mask_url(raw.value, strict=True) if secret else raw.value  # type: ignore[arg-type]
         raise ConfigError(raw.label, shown, str(e)) from None
 
 

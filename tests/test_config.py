@@ -130,7 +130,7 @@ DURATION = "a duration"
 SIZE = "a size > 0"
 BOOL = "true or false"
 QUEUE = "queue names"
-URL = "a redis://, rediss:// or unix:// URL"
+URL = "a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL"
 
 BAD = [
     ("CONCURRENCY", "-1", f"{WHOLE} from 0 to 1024"),
@@ -184,9 +184,8 @@ BAD = [
     ("SERIALIZER", "yaml", "json, pickle, or the dotted path"),
     ("REDIS_URL", "http://127.0.0.1", URL),
     ("REDIS_URL", "127.0.0.1:6379", URL),
-    ("REDIS_URL", "redis://127.0.0.1:99999", "Port out of range"),
-    ("REDIS_URL", "redis://127.0.0.1:port", URL),
-    ("REDIS_URL", "unix://", "unix:// needs the socket's path"),
+    ("REDIS_URL", "redis://127.0.0.1:99999", "a port is a number from 1 to 65535"),
+    ("REDIS_URL", "unix://", "unix:// takes the socket's path"),
     ("RUN_DIR", "   ", "a non-empty path"),
     ("PID_FILE", "a\0b", "a non-empty path"),
     ("GROUPS", "low", "group 1 'low': expected QUEUES=SIZE"),
