@@ -276,3 +276,10 @@ def _sentinel_primary(url: str, tls: bool, overrides: dict[str, Any]) -> redis.R
     sentinels = [_check_host(host, SENTINEL_PORT) for host in hosts.split(",")]
     manager = Sentinel(sentinels, sentinel_kwargs={**to_sentinels, **auth, "ssl": tls})
     return manager.master_for(service, ssl=tls, **options)
+
+
+def primary_address(client: redis.Redis) -> str | None:
+    """Where a Sentinel client's connections go (host:port), as of its latest new connection; None for
+    other clients. It changes when a connection is made after a failover, with no round trip to ask."""
+    address = getattr(client.connection_pool, "master_address", None)
+    return None if address is None else "{}:{}".format(*address)

@@ -61,7 +61,7 @@ from setproctitle import setproctitle
 
 from resque_starter import orphans, prefork, protocol, recovery
 from resque_starter.config import Settings, mask_url
-from resque_starter.connection import connect
+from resque_starter.connection import connect, primary_address
 from resque_starter.protocol import WorkerSpec
 
 log = logging.getLogger("resque_starter.worker")
@@ -296,6 +296,7 @@ class StarterMixin:
         self._counters: list[bytes | None] | None = None  # read with the end of the last job
         self._heartbeat_sent = False  # with the end of the last job, for rq's loop, which sends one next
         self._suspended: bool | None = None  # read with the end of the last job, for rq's loop's next check
+        self._primary: str | None = None  # a Sentinel primary's address, as of the last claim
         super().__init__(*args, **kwargs)
         self._claim_first = self.connection.register_script(_CLAIM_FIRST)
 
@@ -422,6 +423,7 @@ class StarterMixin:
                 if self._controls.stop:
                     raise StopRequested()
                 self._heartbeat_if_due()
+                self._settle_after_failover()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 result = self._claim(block=timeout is not None)
@@ -435,6 +437,26 @@ class StarterMixin:
                 return result
             if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
                 return None
+
+    def _settle_after_failover(self) -> None:
+        """Between jobs this worker holds none; after a Sentinel failover the new primary may still show
+        some as claimed or started by it (the old primary took their end with it): settle those as a
+        recovery would, failing each with the reason (or retrying it, per its rq Retry)."""
+        primary, before = primary_address(self.connection), self._primary
+        self._primary = primary
+        if before is None or primary == before:
+            return
+        reason = (
+            f"Redis failed over from {before} to {primary} while worker {self.name} ran this job: "
+            "how it ended was lost with the old primary"
+        )
+        _, counts = recovery.settle_held(
+            self.connection, self.name, [q.name for q in self.queues], requeue=False,
+            max_requeues=self._context.settings.max_requeues, reason=reason,
+            job_class=self.job_class, queue_class=self.queue_class, serializer=self.serializer,
+        )  # fmt: skip
+        self.log.warning("Worker %s: Redis failed over to %s; settled what it held there: %s",
+                         self.name, primary, counts)  # fmt: skip
 
     def _heartbeat_if_due(self) -> None:
         """rq heartbeats before each blocking wait of `dequeue_timeout` seconds: keep that cadence."""
@@ -814,6 +836,26 @@ class PreforkHorseMixin(StarterMixin):
                 self._forker.close()
                 self._forker = None
         super().teardown()
+
+    def _settle_after_failover(self) -> None:
+        """Between jobs this worker holds none; after a Sentinel failover the new primary may still show
+        some as claimed or started by it (the old primary took their end with it): settle those as a
+        recovery would, failing each with the reason (or retrying it, per its rq Retry)."""
+        primary, before = primary_address(self.connection), self._primary
+        self._primary = primary
+        if before is None or primary == before:
+            return
+        reason = (
+            f"Redis failed over from {before} to {primary} while worker {self.name} ran this job: "
+            "how it ended was lost with the old primary"
+        )
+        _, counts = recovery.settle_held(
+            self.connection, self.name, [q.name for q in self.queues], requeue=False,
+            max_requeues=self._context.settings.max_requeues, reason=reason,
+            job_class=self.job_class, queue_class=self.queue_class, serializer=self.serializer,
+        )  # fmt: skip
+        self.log.warning("Worker %s: Redis failed over to %s; settled what it held there: %s",
+                         self.name, primary, counts)  # fmt: skip
 
     def _heartbeat_if_due(self) -> None:
         """Polled about every second while idle or paused: also the moment to notice a dead spare."""
