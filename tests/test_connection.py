@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from resque_starter.config import ConfigError, load
-from resque_starter.connection import BadURL, check_url, mask_url
+from resque_starter.connection import BadURL, check_url, connect, mask_url
 
 from starter import ROOT, base_env
 
@@ -53,6 +53,10 @@ def test_urls_redis_py_takes(url: str, tmp_path: Path) -> None:
     ca.write_text("")
     url = url.format(ca=ca, dir=tmp_path)
     assert check_url(f"  {url} ") == url
+    # and redis-py takes every option: a connection object is built (not connected) without a TypeError
+    client = connect(url)
+    client.connection_pool.make_connection().disconnect()
+    client.close()
 
 
 @pytest.mark.parametrize(
