@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from resque_starter import cgroups, config, control, procmem, protocol, redis_ping, rundir
+from resque_starter import cgroups, config, control, loader, procmem, protocol, redis_ping, rundir
 from resque_starter.config import (
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -298,7 +298,7 @@ class Supervisor:
             log.warning("reload ignored: stopping")
             return
         try:
-            new = config.load(self._flags, self._environ)
+            new = loader.load(self._flags, self._environ)
         except ConfigError as exc:
             self.reload_error = str(exc)
             log.error("reload refused, the running generation keeps serving: %s", exc)

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from resque_starter.config import ConfigError, load
+from resque_starter.config import ConfigError
 from resque_starter.connection import BadURL, check_url, connect, mask_url
+from resque_starter.loader import load
 
 from starter import ROOT, base_env
 
