@@ -35,7 +35,7 @@ from resque_starter.claims import CLAIM_PREFIX, claim_key, release_claims
 # claim_key and release_claims are part of this module's API (recovery is where claims are undone)
 __all__ = [
     "CLAIM_PREFIX", "FAILED", "GONE", "REQUEUED", "REQUEUES_META_KEY", "RETRIED",
-    "claim_key", "recover_worker", "release_claims", "requeue_or_fail", "settle_held",
+    "claim_key", "recover_worker", "release_claims", "requeue_or_fail",
 ]  # fmt: skip
 
 log = logging.getLogger("resque_starter.recovery")
@@ -139,42 +139,16 @@ def recover_worker(
     job_class: type[Job] | str | None = None,
     queue_class: type[Queue] | str | None = None,
     serializer: Serializer | str | None = None,
+    unregister: bool = True,
 ) -> dict[str, int]:
-    """Settle everything a gone worker held (`settle_held`), and unregister it. Idempotent.
+    """Settle every job Redis says `worker_name` holds, and (`unregister`) unregister it. Idempotent.
 
-    The worker's horse must already be dead (the supervisor kills it first), or its job would run
-    twice. `queue_names` are the queues the dead worker served. Returns counts by outcome.
-    """
-    worker, counts = settle_held(
-        connection, worker_name, queue_names, requeue=requeue, max_requeues=max_requeues, reason=reason,
-        job_class=job_class, queue_class=queue_class, serializer=serializer,
-    )  # fmt: skip
-    with connection.pipeline() as pipe:
-        worker_registration.unregister(worker, pipe)
-        pipe.delete(worker.key, worker.executions_key)
-        pipe.execute()
-    log.info("recovered worker %s: %s", worker_name, counts)
-    return counts
-
-
-def settle_held(
-    connection: redis.Redis,
-    worker_name: str,
-    queue_names: Iterable[str],
-    *,
-    requeue: bool,
-    max_requeues: int,
-    reason: str,
-    job_class: type[Job] | str | None = None,
-    queue_class: type[Queue] | str | None = None,
-    serializer: Serializer | str | None = None,
-) -> tuple[Worker, dict[str, int]]:
-    """Settle every job Redis says `worker_name` holds while it holds none: a gone worker's, or a live
-    idle worker's after a failover (the new primary may still show jobs whose end the old one took).
-
-    Its claims go back to the front of their queues; each execution whose job is unfinished is
-    settled by `requeue_or_fail` with `reason`; executions of finished jobs are just deleted. Returns
-    an rq Worker of that name (not registered by this) and the counts by outcome.
+    For a gone worker, whose horse must already be dead (the supervisor kills it first) or its job
+    would run twice; or, with `unregister` False, for a live worker between jobs after a failover (the
+    new primary may still show jobs whose end the old one took with it). `queue_names` are the queues
+    the worker served. Its claims go back to the front of their queues; each execution whose job is
+    unfinished is settled by `requeue_or_fail` with `reason`; executions of finished jobs are just
+    deleted. Returns counts by outcome.
     """
     job_cls = import_job_class(job_class) if isinstance(job_class, str) else (job_class or Job)
     queue_cls = import_queue_class(queue_class) if isinstance(queue_class, str) else (queue_class or Queue)
@@ -203,7 +177,13 @@ def settle_held(
         )
         if outcome:
             counts[outcome] += 1
-    return worker, counts
+    if unregister:
+        with connection.pipeline() as pipe:
+            worker_registration.unregister(worker, pipe)
+            pipe.delete(worker.key, worker.executions_key)
+            pipe.execute()
+        log.info("recovered worker %s: %s", worker_name, counts)
+    return counts
 
 
 def _recover_execution(

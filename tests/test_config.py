@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resque_starter import cgroups, config
-from resque_starter.config import ConfigError, Group, Settings, mask_url
+from resque_starter.config import ConfigError, Group, Settings
 from resque_starter.loader import load
 
 P = "RESQUE_STARTER_"
@@ -772,24 +772,7 @@ def test_cpu_quota_is_read_from_our_own_cgroup(
     assert cgroups.cpu_quota(*cgroup(tmp_path, files, own)) == cpus
 
 
-# ---- masking and describing
-
-
-@pytest.mark.parametrize(
-    ("url", "masked"),
-    [
-        ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
-        ("rediss://user:secret@h", "rediss://user:***@h"),
-        ("redis://user:se:cr@et@h/1", "redis://user:***@h/1"),
-        ("unix://:secret@/run/redis.sock?db=2", "unix://:***@/run/redis.sock?db=2"),
-        ("redis://h/0?password=secret&db=1", "redis://h/0?password=***&db=1"),
-        ("redis://user@h", "redis://user@h"),
-        ("redis://h:6379", "redis://h:6379"),
-        ("not a url", "not a url"),
-    ],
-)
-def test_mask_url(url: str, masked: str) -> None:
-    assert mask_url(url) == masked
+# ---- describing (masking a URL: test_connection.py)
 
 
 def test_describe_masks_the_password_and_names_hooks(tmp_path: Path) -> None:

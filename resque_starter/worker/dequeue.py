@@ -103,10 +103,11 @@ class ClaimingMixin(WorkerBase):
             f"Redis failed over from {before} to {primary} while worker {self.name} ran this job: "
             "how it ended was lost with the old primary"
         )
-        _, counts = recovery.settle_held(
+        counts = recovery.recover_worker(
             self.connection, self.name, [q.name for q in self.queues], requeue=False,
             max_requeues=self._context.settings.max_requeues, reason=reason,
             job_class=self.job_class, queue_class=self.queue_class, serializer=self.serializer,
+            unregister=False,
         )  # fmt: skip
         self.log.warning("Worker %s: Redis failed over to %s; settled what it held there: %s",
                          self.name, primary, counts)  # fmt: skip
