@@ -283,3 +283,12 @@ def primary_address(client: redis.Redis) -> str | None:
     other clients. It changes when a connection is made after a failover, with no round trip to ask."""
     address = getattr(client.connection_pool, "master_address", None)
     return None if address is None else "{}:{}".format(*address)
+
+
+def close(client: redis.Redis) -> None:
+    """Close `client`'s connections and, for a Sentinel client, its connections to the Sentinels, which
+    `client.close()` leaves open (to be collected with reference cycles): for short-lived clients."""
+    client.close()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    if manager is not None:
+        manager.close()

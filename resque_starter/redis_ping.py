@@ -35,18 +35,18 @@ def ping(url: str, timeout: float) -> bool:
 def _ping_with_redis_py(url: str, timeout: float) -> bool:
     import redis
 
-    from resque_starter.connection import connect
+    from resque_starter import connection
 
     try:
-        client = connect(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        client = connection.connect(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     except ValueError:  # not a URL redis-py takes
         return False
     try:
         return bool(client.ping())
-    except redis.RedisError:
+    except (redis.RedisError, OSError):
         return False
     finally:
-        client.close()
+        connection.close(client)
 
 
 def _connect(parts, timeout: float) -> socket.socket:  # type: ignore[no-untyped-def]

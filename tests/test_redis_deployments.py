@@ -229,6 +229,19 @@ def sentinel(tmp_path: Path) -> Iterator[SentinelSetup]:
     setup.stop()
 
 
+def test_readiness_through_sentinels_asks_for_the_primary_and_leaves_no_connection_open(
+    sentinel: SentinelSetup,
+) -> None:
+    """Each readiness check builds its client and closes it, the connections to the Sentinels too:
+    redis-py's close() leaves those to the garbage collector, and the check runs every few seconds."""
+    assert ping(sentinel.url, timeout=2)
+    assert not ping(sentinel.url.replace(SERVICE, "no-such-service"), timeout=2)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        assert ping(sentinel.url, timeout=2)
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
 class Producer(threading.Thread):
     """Enqueues jobs through the Sentinel URL as an app would, retrying through the failover; keeps the
     ids Redis acknowledged, each with when."""
