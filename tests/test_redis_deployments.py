@@ -174,6 +174,21 @@ def test_workers_recovery_and_readiness_over_mutual_tls_as_an_acl_user(
 SERVICE = "mymaster"
 
 
+def start_sentinel(tmp: Path, port: int, monitored: int, *more: str) -> subprocess.Popen[bytes]:
+    """A redis-sentinel watching the primary on 127.0.0.1:`monitored` as SERVICE; `more` config lines."""
+    conf = tmp / f"sentinel-{port}.conf"
+    conf.write_text(
+        f"bind 127.0.0.1\ndir {tmp}\nloglevel warning\n"
+        f"sentinel monitor {SERVICE} 127.0.0.1 {monitored} 1\n"
+        f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+        f"sentinel failover-timeout {SERVICE} 10000\n" + "".join(f"{line}\n" for line in more)
+    )
+    binary = shutil.which("redis-sentinel")
+    if binary is None:
+        pytest.fail("redis-sentinel is not installed (apt-get install -y redis-sentinel)")
+    return subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL)
+
+
 class SentinelSetup:
     def __init__(self, tmp: Path) -> None:
         (tmp / "primary").mkdir()
@@ -183,17 +198,7 @@ class SentinelSetup:
         self.replica = RedisServer(str(tmp / "replica"), "--replicaof", "127.0.0.1", str(self.primary.port))
         self.replica.start()
         self.port = free_port()
-        conf = tmp / "sentinel.conf"
-        conf.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {tmp}\nloglevel warning\n"
-            f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} 1\n"
-            f"sentinel down-after-milliseconds {SERVICE} 1000\n"
-            f"sentinel failover-timeout {SERVICE} 10000\n"
-        )
-        binary = shutil.which("redis-sentinel")
-        if binary is None:
-            pytest.fail("redis-sentinel is not installed (apt-get install -y redis-sentinel)")
-        self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL)
+        self.proc = start_sentinel(tmp, self.port, self.primary.port, f"port {self.port}")
         self.sentinel = redis.Redis(port=self.port, decode_responses=True)
         wait_for(self._replica_known, 20, what="the Sentinel to know the primary and its synced replica")
 
@@ -240,6 +245,33 @@ def test_readiness_through_sentinels_asks_for_the_primary_and_leaves_no_connecti
     for _ in range(50):
         assert ping(sentinel.url, timeout=2)
     assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+def test_a_rediss_sentinel_url_talks_tls_to_the_sentinels_and_the_primary(
+    certs: Certs, tmp_path: Path
+) -> None:
+    files = {"cert-file": certs.server, "key-file": certs.server_key, "ca-cert-file": certs.ca}
+    tls = [f"tls-{name} {path}" for name, path in files.items()]
+    tls_port, sentinel_port = free_port(), free_port()
+    primary = RedisServer(str(tmp_path), "--tls-port", str(tls_port), "--tls-auth-clients", "no",
+                          *(word for line in tls for word in f"--{line}".split()))  # fmt: skip
+    primary.start()
+    sentinel = start_sentinel(tmp_path, sentinel_port, tls_port, "port 0", f"tls-port {sentinel_port}",
+                              "tls-auth-clients no", "tls-replication yes", *tls)  # fmt: skip
+    try:
+        url = f"rediss+sentinel://127.0.0.1:{sentinel_port}/{SERVICE}/0?ssl_ca_certs={certs.ca}"
+        wait_for(lambda: ping(url, timeout=2), 20, what="the primary, named by the Sentinel, over TLS")
+        client = connect(url)
+        client.set("written-over", "tls")
+        assert client.connection_pool.get_master_address() == ("127.0.0.1", tls_port)
+        assert redis.Redis.from_url(primary.url).get("written-over") == b"tls"
+        assert not ping(url.replace(str(certs.ca), str(certs.other_ca)), timeout=2), "an untrusted CA"
+        plain = f"redis+sentinel://127.0.0.1:{sentinel_port}/{SERVICE}/0"
+        assert not ping(plain, timeout=2), "plain text to the TLS Sentinel"
+    finally:
+        sentinel.terminate()
+        sentinel.wait(10)
+        primary.stop()
 
 
 class Producer(threading.Thread):
