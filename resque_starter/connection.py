@@ -181,7 +181,7 @@ def check_url(value: object) -> str:
     elif scheme in SENTINEL_SCHEMES:
         _check_sentinel(parts.netloc.rpartition("@")[2], parts.path)
     else:
-        _check_host(parts.netloc.rpartition("@")[2])
+        _host_port(parts.netloc.rpartition("@")[2])
         db = parts.path.lstrip("/")
         if db and not db.isdigit():
             raise BadURL(f"{ALLOWED} (the database {db!r} is not a number)")
@@ -203,7 +203,8 @@ def _check_secrets(url: str) -> None:
             raise BadURL(f"{ALLOWED} (a password option must write # & + as %23 %26 %2B)")
 
 
-def _check_host(netloc: str, default_port: int | None = None) -> tuple[str, int | None]:
+def _host_port(netloc: str, default_port: int | None = None) -> tuple[str, int | None]:
+    """`host[:port]` (or `[v6]:port`) as (host, port); BadURL for a port that is no port."""
     try:
         port = urlsplit(f"//{netloc}").port
     except ValueError:
@@ -218,7 +219,7 @@ def _check_sentinel(netloc: str, path: str) -> None:
     if not netloc or any(not host for host in netloc.split(",")):
         raise BadURL(f"{ALLOWED} (name the Sentinels: redis+sentinel://host1:26379,host2:26379/SERVICE)")
     for host in netloc.split(","):
-        _check_host(host)
+        _host_port(host)
     service, _, db = path.strip("/").partition("/")
     if not re.fullmatch(r"[^\s/]+", service) or (db and not db.isdigit()):
         raise BadURL(f"{ALLOWED} (the path of a Sentinel URL is /SERVICE or /SERVICE/DB, e.g. /mymaster/0)")
@@ -273,7 +274,7 @@ def _sentinel_primary(url: str, tls: bool, overrides: dict[str, Any]) -> redis.R
     }
     options.update(overrides)
     to_sentinels = {key: value for key, value in options.items() if key.startswith(("socket_", "ssl_"))}
-    sentinels = [_check_host(host, SENTINEL_PORT) for host in hosts.split(",")]
+    sentinels = [_host_port(host, SENTINEL_PORT) for host in hosts.split(",")]
     manager = Sentinel(sentinels, sentinel_kwargs={**to_sentinels, **auth, "ssl": tls})
     return manager.master_for(service, ssl=tls, **options)
 
