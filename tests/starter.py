@@ -67,9 +67,11 @@ class Starter:
         args: tuple[str, ...] = (),
         prefix: tuple[str, ...] = (),
         command: str = "run",
+        run_dir: str | None = None,
     ) -> None:
+        """`run_dir`: where the supervisor's default run dir will be, when env does not set one."""
         self.env = env
-        self.run_dir = env["RESQUE_STARTER_RUN_DIR"]
+        self.run_dir = run_dir or env["RESQUE_STARTER_RUN_DIR"]
         self.log_path = Path(self.run_dir).parent / f"starter-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._prefix = prefix
