@@ -139,6 +139,9 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         self._selector.register(read_end, selectors.EVENT_READ, self._drain_wakeup)
         rundir.make(self.settings.run_dir)
+        # first the control socket: it refuses a run dir that a running supervisor answers in, before
+        # anything of that one's (its pid file, its embedded Redis's socket) is replaced
+        self._control = control.ControlServer(self.settings.run_dir, self._selector, self.handle_command)
         if self.settings.pid_file:
             rundir.write_pid_file(self.settings.pid_file)
             self._pid_file_written = self.settings.pid_file
@@ -153,7 +156,6 @@ class Supervisor:
                 self._redis.url,
             )
             self.settings = dataclasses.replace(self.settings, redis_url=self._redis.url)
-        self._control = control.ControlServer(self.settings.run_dir, self._selector, self.handle_command)
         if self.settings.metrics_port is not None:
             from resque_starter.metrics import MetricsServer
 
