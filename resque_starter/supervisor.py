@@ -48,6 +48,8 @@ MIN_UPTIME = 5.0  # a worker that dies sooner than this, uncommanded, counts as 
 CRASH_LIMIT = 5  # consecutive crashes of one slot before giving up (exit 4)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 10.0
 QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
+MOLD_STALL = 5.0  # seconds a mold may leave a request unanswered before it counts as hung
+MAX_SPAWNS_IN_FLIGHT = 64  # spawn requests one mold has unanswered: bounds what a hung mold holds
 GRACEFUL, QUICK, KILL = 0, 1, 2
 # a worker's own job counters, sent in its "idle" events; Supervisor.jobs sums them over every worker
 JOB_COUNTERS = ("done", "failed", "requeued")
@@ -226,6 +228,9 @@ class Supervisor:
         """Sleep until the next deadline (backoff, drain, stop escalation); forever when idle."""
         now = time.monotonic()
         deadlines = [until for _, until in self.backoff.values() if until > now]
+        deadlines += [
+            min(m.pending.values()) + MOLD_STALL for m in self.molds.values() if m.pending and not m.hung
+        ]
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
         if self._signals:
@@ -328,6 +333,7 @@ class Supervisor:
         self._reap()
         if self.exit_code is not None:
             return
+        self._kill_hung_molds()
         self._update_serving()
         self._converge_molds()
         if self.exit_code is not None:
@@ -530,6 +536,8 @@ class Supervisor:
                     continue
                 if old and len(self.workers) >= limit:
                     continue
+                if mold.hung or len(mold.pending) >= MAX_SPAWNS_IN_FLIGHT:
+                    return  # the rest when it has answered
                 self._spawn(mold, group, slot)
 
     def _converge_stop(self) -> None:
@@ -564,8 +572,8 @@ class Supervisor:
 
     def _converge_recoveries(self) -> None:
         mold = self.molds.get(self.generation)
-        if mold is None or not mold.ready:
-            mold = next((m for m in self.molds.values() if m.ready), None)
+        if mold is None or not mold.ready or mold.hung:
+            mold = next((m for m in self.molds.values() if m.ready and not m.hung), None)
         if mold is None:
             return
         for r in self.recoveries.values():
@@ -579,7 +587,7 @@ class Supervisor:
                     "requeue": r.requeue,
                     "reason": r.reason,
                 }
-                self._send_mold(mold, request)
+                self._send_mold(mold, request["token"], request)
 
     # ----------------------------------------------------------------- actions on the process table
 
@@ -596,9 +604,10 @@ class Supervisor:
             self._close_in_child()
             run_mold(settings, generation, child_sock)
         child_sock.close()
+        parent_sock.setblocking(False)
         mold = Mold(generation, pid, parent_sock, settings)
         self.molds[generation] = mold
-        self._selector.register(parent_sock, selectors.EVENT_READ, lambda s: self._on_mold_message(mold))
+        self._selector.register(parent_sock, selectors.EVENT_READ, lambda s: self._on_mold_io(mold))
         log.info("mold gen=%d pid %d: importing %s", generation, pid, ",".join(settings.app) or "nothing")
 
     def _close_in_child(self) -> None:
@@ -619,7 +628,8 @@ class Supervisor:
             w.status.close()
 
     def _stop_mold(self, mold: Mold) -> None:
-        """A ready mold exits on request; one still importing (abandoned) cannot read it, so is killed."""
+        """A ready mold exits on request (or on the end of its socket, if the request does not fit);
+        one still importing (abandoned) cannot read it, so is killed."""
         del self.molds[mold.generation]
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(mold.sock)
@@ -627,8 +637,69 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(mold.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
-            protocol.send(mold.sock, {"op": "exit"})
+            mold.outbox.put({"op": "exit"})
+        self._give_back(mold)
         mold.sock.close()
+
+    def _give_back(self, mold: Mold) -> None:
+        """What the mold was asked and did not answer goes back to the desired state: a spawn's row
+        leaves the slot table (the slot loop asks the next mold for that slot), a recovery is sent
+        again. A worker forked just before may exist all the same: its row is kept as stopping, so it
+        is stopped once it says who it is, and forgotten when its status socket closes."""
+        mold.outbox.close()
+        for token in mold.pending:
+            w = self.workers.get(token)
+            if w is not None and w.pid is None:
+                w.stop_level, w.stop_reason = GRACEFUL, f"its mold gen={mold.generation} died"
+                if not w.listening:
+                    self._forget(w)
+            elif token.startswith("recover:") and token[8:] in self.recoveries:
+                recovery = self.recoveries[token[8:]]
+                recovery.sent = recovery.sent and recovery.pid is not None
+        mold.pending.clear()
+
+    def _forget(self, w: Worker) -> None:
+        del self.workers[w.spec.name]
+        if w.listening:
+            self._selector.unregister(w.status)
+        w.status.close()
+
+    def _kill_hung_molds(self) -> None:
+        """A mold that leaves a request unanswered for MOLD_STALL seconds, or stops reading until its
+        outbox is full, is hung (SIGSTOP, a hook stuck on a lock): it is killed, and reaping it gives
+        its requests back, so the loop goes on without it."""
+        now = time.monotonic()
+        for mold in self.molds.values():
+            oldest = min(mold.pending.values(), default=now)
+            if mold.hung or now - oldest >= MOLD_STALL:
+                self._declare_hung(mold, f"left a request unanswered for {now - oldest:.1f}s")
+
+    def _declare_hung(self, mold: Mold, why: str) -> None:
+        if mold.hung:
+            return
+        mold.hung = True
+        log.error("mold gen=%d pid %d %s: killing it; its requests go to the next mold", mold.generation,
+                  mold.pid, why)  # fmt: skip
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(mold.pid, signal.SIGKILL)
+
+    def _on_mold_io(self, mold: Mold) -> None:
+        """The mold's socket is readable, or writable while requests wait in its outbox."""
+        if mold.outbox.pending:
+            try:
+                mold.outbox.flush()
+            except OSError:  # it is gone: reaping it gives its requests back
+                mold.outbox.close()
+            self._watch_mold(mold)
+        self._on_mold_message(mold)
+
+    def _watch_mold(self, mold: Mold) -> None:
+        """Wake for the mold's socket being writable only while its outbox holds something."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if mold.outbox.pending else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            key = self._selector.get_key(mold.sock)
+            if key.events != events:
+                self._selector.modify(mold.sock, events, key.data)
 
     def _on_mold_message(self, mold: Mold) -> None:
         try:
@@ -651,6 +722,7 @@ class Supervisor:
                 code = int(message.get("code", EXIT_APP_IMPORT))
                 self._on_mold_error(mold, code, str(message.get("message")))
             elif op == "forked":
+                mold.pending.pop(str(message["token"]), None)
                 self._on_forked(str(message["token"]), int(message["pid"]))
 
     def _check_fit(self, mold: Mold) -> None:
@@ -679,11 +751,11 @@ class Supervisor:
 
     def _on_mold_exit(self, mold: Mold, status: int) -> None:
         if self.molds.get(mold.generation) is mold:
-            if not mold.ready and not mold.failed:
-                self._on_mold_message(mold)  # the error it sent just before exiting may still be unread
+            self._on_mold_message(mold)  # an error or "forked" it sent just before exiting may be unread
             del self.molds[mold.generation]
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(mold.sock)
+            self._give_back(mold)
             mold.sock.close()
             if not mold.ready and not mold.failed:
                 how = describe_status(status)
@@ -718,14 +790,20 @@ class Supervisor:
         w = Worker(spec, ours, mold.settings.groups[group].queues, paused=self.paused)
         self.workers[spec.name] = w
         self._selector.register(ours, selectors.EVENT_READ, lambda s: self._on_worker_message(w))
-        self._send_mold(mold, {"op": "spawn", "spec": spec.to_dict()}, [theirs.fileno()])
-        theirs.close()
+        self._send_mold(mold, spec.name, {"op": "spawn", "spec": spec.to_dict()}, [theirs.detach()])
 
-    def _send_mold(self, mold: Mold, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    def _send_mold(
+        self, mold: Mold, token: str, message: dict[str, Any], fds: list[int] | None = None
+    ) -> None:
+        """Queue a request; it waits in the mold's bounded outbox while the mold does not read, and
+        counts as pending (given back if the mold dies or hangs) until the mold answers "forked"."""
+        mold.pending[token] = time.monotonic()
         try:
-            protocol.send(mold.sock, message, fds)
-        except OSError as exc:
+            if not mold.outbox.put(message, fds):
+                self._declare_hung(mold, "stopped reading its requests (its outbox is full)")
+        except OSError as exc:  # it is gone: reaping it gives this request back
             log.error("mold gen=%d unreachable: %s", mold.generation, exc)
+        self._watch_mold(mold)
 
     def _on_worker_message(self, w: Worker) -> None:
         try:
@@ -737,6 +815,8 @@ class Supervisor:
         if not data:
             self._selector.unregister(w.status)  # the worker is gone or going; reaping tells how
             w.listening = False
+            if w.pid is None and w.stopping:  # a spawn its dying mold never forked
+                self._forget(w)
             return
         for message in w.buffer.feed(data):
             event = message.get("event")
@@ -745,6 +825,8 @@ class Supervisor:
                 w.state = "paused" if w.paused else "idle"
                 if w.pid is None:
                     w.pid = int(message.get("pid", 0)) or None
+                    if w.stop_level is not None:  # forked by a mold that died before it told us
+                        self._signal(w, STOP_SIGNALS[w.stop_level])
             elif event == "busy":
                 w.state, w.job = "busy", message
             elif event == "idle":
@@ -795,9 +877,8 @@ class Supervisor:
         old = self.molds.get(w.spec.generation)
         mold = Mold(w.promoting, w.pid or 0, w.status, old.settings if old else self.settings, w.buffer)
         mold.ready = mold.promoted = True
-        w.status.setblocking(True)
         self.molds[mold.generation] = mold
-        self._selector.modify(w.status, selectors.EVENT_READ, lambda s: self._on_mold_message(mold))
+        self._selector.modify(w.status, selectors.EVENT_READ, lambda s: self._on_mold_io(mold))
         if self.stop_level is None and self.generation == w.spec.generation:
             self.generation = mold.generation
             log.info("refork: mold gen=%d pid %s ready; replacing workers from it", mold.generation, mold.pid)
