@@ -183,3 +183,22 @@ def _host_pid(s: Starter, ns_pid: int) -> int:
         except OSError:
             continue
     raise AssertionError(f"no process with namespace pid {ns_pid}")
+
+
+def test_a_fault_in_the_loop_is_a_logged_quick_stop_not_a_crash(starters, redis_url, run_dir, conn) -> None:
+    """An unexpected exception in a loop step (injected: USR1 raises) is logged with its traceback and
+    becomes a quick stop: the running job goes back to the front of its queue, exit 1. Unwound, PID 1
+    would take the namespace down with the job still STARTED."""
+    s = starters(
+        base_env(redis_url, run_dir, RESQUE_STARTER_CONCURRENCY="1"), prefix=UNSHARE, module="faulty"
+    )
+    s.wait_workers(1)
+    job = Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 60)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    s.signal(signal.SIGUSR1)
+    assert s.wait_exit(8) == 1, "within the quick stop's grace"
+    log = s.log()
+    assert "the supervisor's loop failed; stopping quickly" in log and "RuntimeError: injected fault" in log
+    assert "stopping: quick" in log
+    regs = registries(conn)
+    assert regs["queued"] == [job.id] and regs["started"] == []
