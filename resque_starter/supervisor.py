@@ -49,6 +49,7 @@ CRASH_LIMIT = 5  # consecutive crashes of one slot before giving up (exit 4)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 10.0
 QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
 MOLD_STALL = 5.0  # seconds a mold may leave a request unanswered before it counts as hung
+MAX_LOOP_FAULTS = 10  # unexpected exceptions in the loop before it gives up on a stop in order
 MAX_SPAWNS_IN_FLIGHT = 64  # spawn requests one mold has unanswered: bounds what a hung mold holds
 GRACEFUL, QUICK, KILL = 0, 1, 2
 # a worker's own job counters, sent in its "idle" events; Supervisor.jobs sums them over every worker
@@ -93,6 +94,7 @@ class Supervisor:
         self.interrupted = False
         self.exit_code: int | None = None
         self._pending_exit: int | None = None
+        self._faults = 0
         self._generations = 1
         self.restarts = 0
         self.reloads = 0
@@ -112,11 +114,19 @@ class Supervisor:
         """Start, loop until the desired state is 'stopped' and reached, clean up; the exit code."""
         try:
             self._start()
-            self.reconcile()
-            while self.exit_code is None:
-                self._wait(self._next_timeout())
-                self._handle_signals()
-                self.reconcile()
+            while True:
+                try:
+                    self.reconcile()
+                    if self.exit_code is not None:
+                        break
+                    self._wait(self._next_timeout())
+                    self._handle_signals()
+                except ConfigError:
+                    raise
+                except Exception:
+                    self._on_loop_fault()
+                    if self.exit_code is not None:
+                        break
         except ConfigError as exc:
             log.error("%s", exc)
             self._abort_children()
@@ -198,6 +208,20 @@ class Supervisor:
         if self._pid_file_written:
             rundir.remove_pid_file(self._pid_file_written)
         log.info("supervisor exiting with code %s", self.exit_code)
+
+    def _on_loop_fault(self) -> None:
+        """A bug in a loop step must not unwind PID 1 (the container, and every running job, would go
+        with it): log it and stop quickly, as INT does, exit 1; each further fault escalates the stop,
+        and a loop that keeps failing kills what is left."""
+        log.exception("the supervisor's loop failed; stopping quickly")
+        self._faults += 1
+        self._pending_exit = self._pending_exit or EXIT_INTERRUPTED
+        if self._faults > MAX_LOOP_FAULTS:
+            log.error("the supervisor's loop failed %d times; killing every worker", self._faults)
+            self._abort_children()
+            self.exit_code = self._pending_exit
+            return
+        self.request_stop(QUICK)
 
     def _abort_children(self) -> None:
         for w in self.workers.values():
@@ -596,6 +620,7 @@ class Supervisor:
 
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         settings = self.settings
+        gc.collect()  # what is garbage now is freed, not frozen with the rest
         gc.freeze()  # neither our collections nor the mold's examine, and so copy, the pages we share
         procmem.release_free_heap()
         pid = os.fork()
