@@ -49,6 +49,8 @@ CRASH_LIMIT = 5  # consecutive crashes of one slot before giving up (exit 4)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 10.0
 QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
 MOLD_STALL = 5.0  # seconds a mold may leave a request unanswered before it counts as hung
+EARLY_EXIT_TTL = 10.0  # seconds an exit reaped before we knew whose it was stays a candidate
+EARLY_EXITS_MAX = 1024
 MAX_LOOP_FAULTS = 10  # unexpected exceptions in the loop before it gives up on a stop in order
 MAX_SPAWNS_IN_FLIGHT = 64  # spawn requests one mold has unanswered: bounds what a hung mold holds
 GRACEFUL, QUICK, KILL = 0, 1, 2
@@ -88,7 +90,7 @@ class Supervisor:
         self.workers: dict[str, Worker] = {}
         self.recoveries: dict[str, Recovery] = {}
         self.backoff: dict[tuple[int, int], tuple[int, float]] = {}
-        self.early_exits: dict[int, int] = {}
+        self.early_exits: dict[int, tuple[int, float]] = {}  # pid -> (wait status, when reaped)
         self.serving_generation = 0
         self.reload_error: str | None = None
         self.interrupted = False
@@ -402,8 +404,12 @@ class Supervisor:
             self._redis.restart()
             return
         # a worker or recovery child may die before the mold has told us its pid; or an adopted orphan
-        self.early_exits[pid] = status
-        if len(self.early_exits) > 1024:
+        now = time.monotonic()
+        self.early_exits[pid] = (status, now)
+        while (
+            len(self.early_exits) > EARLY_EXITS_MAX
+            or now - next(iter(self.early_exits.values()))[1] > EARLY_EXIT_TTL
+        ):
             self.early_exits.pop(next(iter(self.early_exits)))
         log.debug("reaped pid %d (%s)", pid, describe_status(status))
 
@@ -475,7 +481,7 @@ class Supervisor:
             self.interrupted = self.interrupted or shutdown
         horse = (w.job or {}).get("horse")
         after_pid = None
-        if isinstance(horse, int) and self.early_exits.pop(horse, None) is None:
+        if isinstance(horse, int) and self._take_early_exit(horse) is None:
             # not reaped by us, so the pid is still the horse's: kill it before touching its job
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(horse, signal.SIGKILL)
@@ -796,9 +802,24 @@ class Supervisor:
             w.pid = pid
         elif token.startswith("recover:") and token[8:] in self.recoveries:
             self.recoveries[token[8:]].pid = pid
-        status = self.early_exits.pop(pid, None)
+        status = self._take_early_exit(pid)
         if status is not None:
             self._on_exit(pid, status)
+
+    def _take_early_exit(self, pid: int) -> int | None:
+        """The exit status reaped for `pid` before we knew whose it was, if `pid` still means that
+        process: an entry is stale once it is older than EARLY_EXIT_TTL (the late news it waits for
+        comes within milliseconds) or once `pid` is a child of ours again. A child's pid is not reused
+        until we reap it, so waitid (WNOWAIT: it reaps nothing) tells truly whether pid was reused."""
+        status, reaped = self.early_exits.pop(pid, (None, 0.0))
+        if status is None or time.monotonic() - reaped > EARLY_EXIT_TTL:
+            return None
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return status  # not a child of ours: the exit we reaped is the news about pid
+        log.debug("pid %d was reused by a new child; its early exit entry is stale", pid)
+        return None
 
     def _spawn(self, mold: Mold, group: int, slot: int) -> None:
         self._seq += 1
