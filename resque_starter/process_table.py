@@ -16,7 +16,7 @@ from typing import Any
 
 from resque_starter import procmem
 from resque_starter.config import Settings
-from resque_starter.protocol import LineBuffer, Outbox, WorkerSpec
+from resque_starter.protocol import EXIT_REDIS_UNREACHABLE, LineBuffer, Outbox, WorkerSpec
 
 
 @dataclass
@@ -123,4 +123,6 @@ def describe_status(status: int) -> str:
     """A wait status in words, for logs and failed-job reasons."""
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    if os.WEXITSTATUS(status) == EXIT_REDIS_UNREACHABLE:
+        return f"exit code {EXIT_REDIS_UNREACHABLE}: it could not reach Redis"
     return f"exit code {os.WEXITSTATUS(status)}"

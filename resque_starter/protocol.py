@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 MAX_LINE = 64 * 1024
+# A worker's exit code when Redis could not be reached (EX_TEMPFAIL): the supervisor names the cause.
+EXIT_REDIS_UNREACHABLE = 75
 MAX_OUTBOX = 1024 * 1024  # bytes PID 1 holds for one child that does not read; more means it is hung
 
 

@@ -477,8 +477,8 @@ class Supervisor:
     def _recover(self, w: Worker, status: int) -> None:
         """A worker died without cleaning up: kill its orphaned horse, then fix its jobs in Redis."""
         shutdown = w.stop_level == KILL or (self.stop_level is not None and self.stop_level >= QUICK)
-        if w.state == "busy":
-            self.interrupted = self.interrupted or shutdown
+        if w.state == "busy":  # a stop that costs a job its normal end (killed, or failed) exits 1
+            self.interrupted = self.interrupted or self.stop_level is not None
         horse = (w.job or {}).get("horse")
         after_pid = None
         if isinstance(horse, int) and self._take_early_exit(horse) is None:

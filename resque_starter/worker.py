@@ -990,10 +990,14 @@ def forks_horses(worker_class: type[BaseWorker]) -> bool:
 def run_worker(settings: Settings, spec: WorkerSpec, status: socket.socket) -> NoReturn:
     """Entry point in a freshly forked worker process, run with its group's settings (worker class and
     recycling limits may differ per group). Never returns: 0 after a requested stop or a recycle, 70 when
-    the after_fork hook raised, 1 on any other failure."""
+    the after_fork hook raised, 75 when Redis could not be reached (so the supervisor can say so in the
+    reason of the job this cost), 1 on any other failure."""
     code = EXIT_FAILED
     try:
         code = _serve(settings.for_group(spec.group), spec, status)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        log.error("worker[%s] %s: Redis could not be reached (%s); exiting", spec.slot, spec.name, exc)
+        code = protocol.EXIT_REDIS_UNREACHABLE
     except BaseException:
         log.exception("worker[%s] %s failed", spec.slot, spec.name)
     finally:
