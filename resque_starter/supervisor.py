@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from resque_starter import cgroups, config, control, procmem, protocol, redis_ping, rundir
+from resque_starter import cgroups, config, control, embedded_redis, procmem, protocol, redis_ping, rundir
 from resque_starter.config import (
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -34,11 +34,11 @@ from resque_starter.config import (
     ConfigError,
     Settings,
 )
+from resque_starter.embedded_redis import EmbeddedRedis
 from resque_starter.process_table import Mold, Recovery, Worker, describe_status
 from resque_starter.protocol import WorkerSpec
 
 if TYPE_CHECKING:  # imported where used: a supervisor without them does not hold them in memory
-    from resque_starter.embedded_redis import EmbeddedRedis
     from resque_starter.metrics import MetricsServer
 
 log = logging.getLogger("resque_starter.supervisor")
@@ -49,6 +49,7 @@ CRASH_LIMIT = 5  # consecutive crashes of one slot before giving up (exit 4)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 10.0
 QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
 MOLD_STALL = 5.0  # seconds a mold may leave a request unanswered before it counts as hung
+REDIS_POLL = 0.05  # seconds between looks at a restarting embedded redis-server
 EARLY_EXIT_TTL = 10.0  # seconds an exit reaped before we knew whose it was stays a candidate
 EARLY_EXITS_MAX = 1024
 MAX_LOOP_FAULTS = 10  # unexpected exceptions in the loop before it gives up on a stop in order
@@ -160,8 +161,6 @@ class Supervisor:
             rundir.write_pid_file(self.settings.pid_file)
             self._pid_file_written = self.settings.pid_file
         if self.settings.redis_url is None:
-            from resque_starter import embedded_redis
-
             self._redis = embedded_redis.start(self.settings.run_dir)
             log.warning(
                 "REDIS_URL is not set: started an embedded redis-server at %s; nothing is shared with other "
@@ -254,6 +253,8 @@ class Supervisor:
         """Sleep until the next deadline (backoff, drain, stop escalation); forever when idle."""
         now = time.monotonic()
         deadlines = [until for _, until in self.backoff.values() if until > now]
+        if self._redis is not None and self._redis.deadline is not None:
+            deadlines.append(now + REDIS_POLL)
         deadlines += [
             min(m.pending.values()) + MOLD_STALL for m in self.molds.values() if m.pending and not m.hung
         ]
@@ -360,6 +361,7 @@ class Supervisor:
         if self.exit_code is not None:
             return
         self._kill_hung_molds()
+        self._converge_redis()
         self._update_serving()
         self._converge_molds()
         if self.exit_code is not None:
@@ -400,8 +402,7 @@ class Supervisor:
                 return
         self._horse_gone(pid)  # a dead worker's horse, killed by us, may be ours to reap
         if self._redis is not None and pid == self._redis.pid:
-            log.error("embedded redis-server exited (%s); restarting it", describe_status(status))
-            self._redis.restart()
+            self._on_redis_exit(self._redis, status)
             return
         # a worker or recovery child may die before the mold has told us its pid; or an adopted orphan
         now = time.monotonic()
@@ -412,6 +413,35 @@ class Supervisor:
         ):
             self.early_exits.pop(next(iter(self.early_exits)))
         log.debug("reaped pid %d (%s)", pid, describe_status(status))
+
+    def _on_redis_exit(self, server: EmbeddedRedis, status: int) -> None:
+        """Restart the embedded redis-server: spawned here, then polled by _converge_redis, so the loop
+        goes on meanwhile. One that cannot come back stops the supervisor gracefully, saying why."""
+        how = describe_status(status)
+        if server.deadline is not None:
+            self._redis_lost(f"it exited before it answered ({how})")
+            return
+        log.error("embedded redis-server exited (%s); restarting it", how)
+        try:
+            server.spawn()
+        except OSError as exc:
+            self._redis_lost(f"it could not be started ({exc})")
+
+    def _converge_redis(self) -> None:
+        server = self._redis
+        if server is None or server.deadline is None:
+            return
+        if server.answers():
+            log.info("embedded redis-server restarted at %s", server.url)
+        elif time.monotonic() > server.deadline:
+            self._redis_lost(f"it did not answer within {embedded_redis.START_TIMEOUT:.0f}s")
+
+    def _redis_lost(self, why: str) -> None:
+        assert self._redis is not None
+        self._redis.deadline = None
+        log.error("the embedded redis-server could not be restarted: %s; stopping (exit 1)", why)
+        self._pending_exit = self._pending_exit or EXIT_INTERRUPTED
+        self.request_stop(GRACEFUL)
 
     def _on_worker_exit(self, w: Worker, status: int) -> None:
         del self.workers[w.spec.name]
