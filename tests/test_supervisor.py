@@ -308,3 +308,16 @@ def test_nothing_forked_after_the_supervisor_died_runs_unsupervised(start, conn)
         names = [w.name for w in Worker.all(connection=conn)]
         assert not [n for n in names if n.startswith(prefix)], names
         time.sleep(0.1)
+
+
+def test_a_worker_that_exits_0_mid_job_has_its_job_recovered(start, conn) -> None:  # type: ignore[no-untyped-def]
+    """A job that calls os._exit(0) in a SimpleWorker: the worker itself exits 0 while busy. Its job
+    must not stay STARTED: an exit 0 with a job running is no clean exit."""
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_WORKER_CLASS="rq.SimpleWorker")
+    s.wait_workers(1)
+    job = Queue("default", connection=conn).enqueue("testjobs.exit_process", 0)
+    wait_for(lambda: job.get_status(refresh=True) == JobStatus.FAILED, 15, what="the job to be failed")
+    assert registries(conn)["started"] == []
+    s.wait_workers(1)
+    s.signal(signal.SIGQUIT)
+    assert s.wait_exit(20) == 0
