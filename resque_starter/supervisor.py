@@ -444,12 +444,12 @@ class Supervisor:
         self.request_stop(GRACEFUL)
 
     def _on_worker_exit(self, w: Worker, status: int) -> None:
-        del self.workers[w.spec.name]
         if w.listening:
-            self._selector.unregister(w.status)
-        w.status.close()
+            self._on_worker_message(w)  # what it said last (a "busy") may still be unread
+        self._forget(w)
         uptime = time.monotonic() - w.started_at
-        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        # an exit 0 with a job running (a job calling os._exit(0) in a SimpleWorker) is no clean exit
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and w.state != "busy"
         log_fn = log.info if clean or w.stop_level is not None else log.warning
         log_fn(
             "worker[%s] pid %s gen %d exited (%s) after %.1fs",
