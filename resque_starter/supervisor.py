@@ -639,15 +639,16 @@ class Supervisor:
         for r in self.recoveries.values():
             if not r.sent and r.after_pid is None:
                 r.sent = True
+                token = f"recover:{r.worker}"
                 request = {
                     "op": "recover",
-                    "token": f"recover:{r.worker}",
+                    "token": token,
                     "worker": r.worker,
                     "queues": list(r.queues),
                     "requeue": r.requeue,
                     "reason": r.reason,
                 }
-                self._send_mold(mold, request["token"], request)
+                self._send_mold(mold, token, request)
 
     # ----------------------------------------------------------------- actions on the process table
 
