@@ -21,6 +21,8 @@ START_TIMEOUT = 10.0  # seconds a (re)started redis-server has to accept connect
 
 
 class EmbeddedRedis:
+    start_timeout = START_TIMEOUT
+
     def __init__(self, run_dir: str) -> None:
         self.socket = os.path.join(run_dir, "redis.sock")
         self.run_dir = run_dir
@@ -64,7 +66,7 @@ class EmbeddedRedis:
             )
         finally:
             os.close(log_fd)
-        self.deadline = time.monotonic() + START_TIMEOUT
+        self.deadline = time.monotonic() + self.start_timeout
 
     def answers(self) -> bool:
         """Its socket accepts a connection (a connect that cannot block: the server is our child on a

@@ -28,7 +28,6 @@ from resque_starter import (
     cgroups,
     commands,
     config,
-    embedded_redis,
     loader,
     procmem,
     protocol,
@@ -46,13 +45,13 @@ from resque_starter.config import (
     Settings,
 )
 from resque_starter.control_server import ControlServer
-from resque_starter.embedded_redis import EmbeddedRedis
 from resque_starter.listener import Listener
 from resque_starter.process_table import Mold, Recovery, Worker, describe_status
 from resque_starter.protocol import WorkerSpec
 from resque_starter.states import Intake, StopLevel, WorkerState
 
 if TYPE_CHECKING:  # imported where used: a supervisor without them does not hold them in memory
+    from resque_starter.embedded_redis import EmbeddedRedis
     from resque_starter.metrics import MetricsServer
 
 log = logging.getLogger("resque_starter.supervisor")
@@ -171,6 +170,8 @@ class Supervisor:
             rundir.write_pid_file(self.settings.pid_file)
             self._pid_file_written = self.settings.pid_file
         if self.settings.redis_url is None:
+            from resque_starter import embedded_redis
+
             self._redis = embedded_redis.start(self.settings.run_dir)
             log.warning(
                 "REDIS_URL is not set: started an embedded redis-server at %s; nothing is shared with other "
@@ -468,7 +469,7 @@ class Supervisor:
         if server.answers():
             log.info("embedded redis-server restarted at %s", server.url)
         elif time.monotonic() > server.deadline:
-            self._redis_lost(f"it did not answer within {embedded_redis.START_TIMEOUT:.0f}s")
+            self._redis_lost(f"it did not answer within {server.start_timeout:.0f}s")
 
     def _redis_lost(self, why: str) -> None:
         assert self._redis is not None

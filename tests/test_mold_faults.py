@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -15,7 +17,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from test_pid1 import UNSHARE, _host_pid
 
-from conftest import wait_for
+from conftest import free_port, wait_for
 from starter import Starter, process_state, registries
 
 STALL = 5.0  # supervisor.MOLD_STALL
@@ -108,3 +110,72 @@ def test_pid1_answers_and_reaps_while_its_mold_is_stopped_under_a_thousand_spawn
     assert "left a request unanswered" in s.log() or "its outbox is full" in s.log()
     s.signal(signal.SIGQUIT)
     assert s.wait_exit(20) == 0
+
+
+FLOOD = {
+    "readyz": (
+        "import socket, sys\n"
+        "while True:\n"
+        "    try:\n"
+        "        with socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5) as s:\n"
+        "            s.sendall(b'GET /readyz HTTP/1.0\\r\\n\\r\\n')\n"
+        "            while s.recv(65536):\n"
+        "                pass\n"
+        "    except OSError:\n"
+        "        pass\n"
+    ),
+    "ctl": (
+        "import sys\n"
+        "from resque_starter import control\n"
+        "while True:\n"
+        "    try:\n"
+        "        control.request(sys.argv[1], {'cmd': 'status'})\n"
+        "    except control.ControlError:\n"
+        "        pass\n"
+    ),
+}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root and unshare")
+def test_pid1_answers_ttin_and_reaps_under_floods_and_a_stopped_mold(
+    starters: Callable[..., Starter], redis_url: str, run_dir: str, conn: redis.Redis
+) -> None:
+    """A /readyz flood, a `ctl status` flood and a SIGSTOPped mold at the same time: PID 1 still takes
+    TTIN within 100 ms, reaps every worker killed meanwhile, replaces the hung mold and stops cleanly."""
+    from starter import ROOT, base_env, descendants
+
+    port = free_port()
+    env = base_env(redis_url, run_dir, RESQUE_STARTER_CONCURRENCY="2", RESQUE_STARTER_METRICS_PORT=str(port))
+    s = starters(env, prefix=UNSHARE)
+    workers = s.wait_workers(2)
+    mold = _host_pid(s, mold_pid(s))
+    flood_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    floods = [
+        subprocess.Popen([sys.executable, "-c", FLOOD[kind], arg], env=flood_env)
+        for kind, arg in [("readyz", str(port))] * 2 + [("ctl", run_dir)] * 2
+    ]
+    try:
+        os.kill(mold, signal.SIGSTOP)
+        latencies = []
+        for expected in (3, 4, 5):
+            began = time.monotonic()
+            s.signal(signal.SIGTTIN)
+            wait_for(lambda n=expected: s.status()["groups"][0]["size"] == n, 5, 0.001, what="TTIN")  # type: ignore[misc]
+            latencies.append(time.monotonic() - began)
+        assert min(latencies) < 0.1, latencies
+        killed = [_host_pid(s, w["pid"]) for w in workers]
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: all(process_state(p) is None for p in killed), 5, what="every killed worker reaped")
+    except BaseException:
+        os.kill(mold, signal.SIGCONT)
+        raise
+    finally:
+        for flood in floods:
+            flood.kill()
+            flood.wait()
+    wait_for(lambda: process_state(mold) is None, STALL + 10, what="the hung mold to be killed and reaped")
+    s.wait_workers(5, timeout=60)
+    wait_for(lambda: not [p for p in descendants(s.proc.pid) if process_state(p) == "Z"], what="no zombie")
+    s.signal(signal.SIGQUIT)
+    assert s.wait_exit(30) == 0
