@@ -16,6 +16,7 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from resque_starter import control, procmem
+from resque_starter.connection import connect
 
 from conftest import wait_for
 
@@ -98,7 +99,7 @@ class Starter:
         return self._inner
 
     def connection(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
+        return connect(self.url)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
