@@ -759,7 +759,7 @@ class Supervisor:
         mold.pending.clear()
 
     def _forget(self, w: Worker) -> None:
-        del self.workers[w.spec.name]
+        self.workers.pop(w.spec.name, None)
         if w.listening:
             self._selector.unregister(w.status)
         w.status.close()
