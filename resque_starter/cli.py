@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from resque_starter import config, control, loader, logs, procmem
@@ -16,6 +17,7 @@ log = logging.getLogger("resque_starter.config")
 
 SUBCOMMANDS = ("run", "demo", "ctl")
 DEMO_APP = "resque_starter.demo.tasks"
+RELOAD_WAIT = 330.0  # seconds `ctl reload` waits for the outcome: past the longest CONFIG_TIMEOUT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,6 +116,8 @@ def ctl(args: argparse.Namespace) -> int:
         elif command == "stop":
             message["quick"] = args.quick
         reply = control.request(run_dir, message)
+        if command == "reload" and reply.get("ok"):
+            reply = _reload_outcome(run_dir)
     except control.ControlError as exc:
         print(f"resque-starter ctl: {exc}", file=sys.stderr)
         return 1
@@ -123,3 +127,16 @@ def ctl(args: argparse.Namespace) -> int:
     if command == "scale":
         print(f"group {reply['group']}: {reply['size']} worker(s)")
     return 0
+
+
+def _reload_outcome(run_dir: str) -> dict[str, object]:
+    """Wait for the reload just requested to be applied or refused: the supervisor reads the config file
+    in a child, so its answer to `reload` only says the reload is under way."""
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        status = control.request(run_dir, {"cmd": "status"})["status"]
+        if not status.get("reloading"):
+            error = status.get("reload_error")
+            return {"ok": False, "error": error} if error else {"ok": True}
+        time.sleep(0.05)
+    return {"ok": False, "error": f"the reload was still reading its config after {RELOAD_WAIT:.0f}s"}

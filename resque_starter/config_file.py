@@ -222,7 +222,7 @@ class Evaluation:
         self._overflow = False
         self._status: int | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.pid = os.fork()
+        self.pid = fork_isolated()
         if self.pid == 0:  # pragma: no cover - the child ends in os._exit
             ours.close()
             _child(theirs, path, list(import_path))
@@ -230,7 +230,8 @@ class Evaluation:
         ours.setblocking(False)
         self.sock = ours
 
-    def on_readable(self) -> None:
+    def on_readable(self, _sock: object = None) -> None:
+        """Read what the child sent so far (the selector callback: `_sock` is the readable socket)."""
         while not self.eof:
             try:
                 chunk = self.sock.recv(65536)
@@ -309,8 +310,35 @@ def _ended(status: int) -> str:
     return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
-def reset_signals() -> None:
-    """A fork of the supervisor runs user code with the default signal handling, not the supervisor's."""
+def fork_isolated() -> int:
+    """fork(); the child (0 returned there) is the leader of a process group of its own, so that killing
+    the group ends whatever it started too, and handles signals as a plain process does, not as the
+    supervisor it was forked from."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setpgid(0, 0)
+            _reset_signals()
+        except BaseException:  # the child must never go on as a copy of its parent
+            os._exit(1)
+    return pid
+
+
+def wait_or_kill(pid: int, timeout: float) -> int | None:
+    """The exit status of child `pid` within `timeout` seconds, or None: then its group is killed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def _reset_signals() -> None:
     signal.set_wakeup_fd(-1)
     for sig in signal.valid_signals():
         with contextlib.suppress(OSError, ValueError):
@@ -323,8 +351,6 @@ def _child(sock: socket.socket, path: str, import_path: list[str]) -> None:
     """Run the file, send back its public names as plain data (or the error), and exit."""
     code = 0
     try:
-        os.setpgid(0, 0)  # so that its own children end with it (Evaluation.close)
-        reset_signals()
         sys.path[:0] = [entry for entry in import_path if entry not in sys.path]
         try:
             reply: tuple[str, object] = ("ok", {k: plain(v) for k, v in public_names(run_here(path)).items()})

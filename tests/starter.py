@@ -67,6 +67,8 @@ class Starter:
         args: tuple[str, ...] = (),
         prefix: tuple[str, ...] = (),
         command: str = "run",
+        cwd: str = str(ROOT),
+        launcher: tuple[str, ...] = (sys.executable, "-m", "resque_starter"),
     ) -> None:
         self.env = env
         self.run_dir = env["RESQUE_STARTER_RUN_DIR"]
@@ -74,8 +76,8 @@ class Starter:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._prefix = prefix
         self._inner: int | None = None
-        argv = [*prefix, sys.executable, "-m", "resque_starter", command, *args]
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        argv = [*prefix, *launcher, command, *args]
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd)
         self.url = env.get("REDIS_URL") or f"unix://{self.run_dir}/redis.sock"
 
     @property
@@ -92,6 +94,21 @@ class Starter:
 
             self._inner = int(wait_for(child, what="the wrapped supervisor to start"))  # type: ignore[arg-type]
         return self._inner
+
+    def host_pid(self, pid: int) -> int:
+        """A pid the supervisor reports as seen from the test: under `unshare` the supervisor and its
+        children live in a PID namespace of their own, whose pids are not the test's."""
+        if not self._prefix:
+            return pid
+        for p in descendants(self.proc.pid):
+            try:
+                with open(f"/proc/{p}/status") as f:
+                    for line in f:
+                        if line.startswith("NSpid:") and int(line.split()[-1]) == pid:
+                            return p
+            except OSError:
+                continue
+        raise AssertionError(f"no process with namespace pid {pid}")
 
     def connection(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)
