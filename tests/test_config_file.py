@@ -244,20 +244,3 @@ def test_a_before_exit_hook_that_hangs_does_not_keep_pid1_from_exiting(pid1, tmp
     pid, concurrency = ran.read_text().split()
     assert concurrency == "1" and int(pid) != 1, "it ran, with the settings, in a child of PID 1"
     assert "before_exit hook did not finish within 10s" in s.log()
-
-
-def test_ttin_stops_at_the_most_workers_a_group_may_have(start, tmp_path: Path) -> None:
-    """TTIN is bounded like `ctl scale`: a group never goes past 1024 (no worker is started here: the
-    app's import hangs, so the mold is never ready)."""
-    (tmp_path / "hangs_at_import.py").write_text("import time\ntime.sleep(120)\n")
-    s = start(
-        RESQUE_STARTER_APP="hangs_at_import",
-        RESQUE_STARTER_CONCURRENCY="1024",
-        PYTHONPATH=f"{tmp_path}:{ROOT}",
-    )
-    wait_for(lambda: s.try_status(), what="the supervisor to answer")
-    s.signal(signal.SIGTTIN)
-    wait_for(lambda: "is over the most a group may have; staying at 1024" in s.log(), 5, what="TTIN refused")
-    assert s.status()["groups"][0]["size"] == 1024
-    s.signal(signal.SIGTTOU)
-    wait_for(lambda: s.status()["groups"][0]["size"] == 1023, 5, what="TTOU")
