@@ -351,6 +351,10 @@ def _child(sock: socket.socket, path: str, import_path: list[str]) -> None:
     """Run the file, send back its public names as plain data (or the error), and exit."""
     code = 0
     try:
+        # none of the supervisor's sockets and pipes stays open in here (a mold would not see the
+        # supervisor's end close while a config file runs, for one)
+        os.closerange(3, sock.fileno())
+        os.closerange(sock.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
         sys.path[:0] = [entry for entry in import_path if entry not in sys.path]
         try:
             reply: tuple[str, object] = ("ok", {k: plain(v) for k, v in public_names(run_here(path)).items()})
