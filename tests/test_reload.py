@@ -277,7 +277,7 @@ def test_a_reload_to_broken_code_keeps_the_old_generation_serving(
     workers = s.wait_workers(2)
     [old_mold] = s.status()["molds"]
     app.break_it(source)
-    assert s.ctl({"cmd": "reload"}) == {"ok": True}
+    assert s.ctl({"cmd": "reload"}) == {"ok": True, "reloading": True}
 
     def failed() -> dict[str, Any] | None:
         status = s.status()
