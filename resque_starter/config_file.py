@@ -268,10 +268,14 @@ class Evaluation:
         if self._overflow:
             raise ConfigFileError(f"a Python file whose settings take at most {MAX_RESULT >> 20} MiB")
         if self._complete:
-            kind, payload = _unpickle_plain(bytes(self._data[_HEADER:]))
-            if kind == "error":
-                raise ConfigFileError(payload)
-            return dict(payload)
+            try:
+                kind, payload = _unpickle_plain(bytes(self._data[_HEADER:]))
+                names = dict(payload) if kind == "ok" else None
+            except Exception as e:  # garbled: something else wrote to its socket (a fork of the file)
+                raise ConfigFileError(f"a Python file whose result can be read ({e})") from None
+            if names is None:
+                raise ConfigFileError(str(payload))
+            return names
         if self._status is None:
             raise ConfigFileError(f"a Python file that runs to its end within {self.timeout:g}s (it did not)")
         raise ConfigFileError(f"a Python file that runs to its end (it {_ended(self._status)} before that)")
@@ -306,7 +310,10 @@ class Evaluation:
 
 def _ended(status: int) -> str:
     if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        try:
+            return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"was killed by signal {os.WTERMSIG(status)}"
     return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
