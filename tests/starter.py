@@ -67,16 +67,21 @@ class Starter:
         args: tuple[str, ...] = (),
         prefix: tuple[str, ...] = (),
         command: str = "run",
+        run_dir: str | None = None,
+        module: str = "resque_starter",
         cwd: str = str(ROOT),
-        launcher: tuple[str, ...] = (sys.executable, "-m", "resque_starter"),
+        launcher: tuple[str, ...] | None = None,
     ) -> None:
+        """`run_dir`: where the supervisor's default run dir will be, when env does not set one;
+        `module`: what `python -m` runs (a test's wrapper of the command); `launcher`: the command
+        instead of `python -m module` (a console script, as pip installs it), run in `cwd`."""
         self.env = env
-        self.run_dir = env["RESQUE_STARTER_RUN_DIR"]
+        self.run_dir = run_dir or env["RESQUE_STARTER_RUN_DIR"]
         self.log_path = Path(self.run_dir).parent / f"starter-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._prefix = prefix
         self._inner: int | None = None
-        argv = [*prefix, *launcher, command, *args]
+        argv = [*prefix, *(launcher or (sys.executable, "-m", module)), command, *args]
         self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd)
         self.url = env.get("REDIS_URL") or f"unix://{self.run_dir}/redis.sock"
 
