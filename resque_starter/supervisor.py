@@ -318,13 +318,13 @@ class Supervisor:
                 return w.row()
         return None
 
-    def request_reload(self) -> int:
+    def request_reload(self) -> None:
         """HUP: re-read the configuration and start a new generation; the loop swaps workers over."""
         try:
             new = config.load(self._flags, self._environ)
         except ConfigError as exc:
             self.reload_error = str(exc)
-            raise Refused(f"{exc} (the running generation keeps serving)") from None
+            raise Refused(str(exc)) from None
         if new.redis_url is None:
             new = dataclasses.replace(new, redis_url=self.settings.redis_url)
         self.sizes = self._sizes_after_reload(new)
@@ -335,7 +335,6 @@ class Supervisor:
         self.reloads += 1
         self.reload_error = None
         log.info("reload: starting generation %d", self.generation)
-        return self.generation
 
     def _sizes_after_reload(self, new: Settings) -> list[int]:
         """Groups match by name: one keeps the size it was scaled to (TTIN, `ctl scale`) unless the
