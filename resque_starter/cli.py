@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from resque_starter import config, control, logs, procmem
+from resque_starter import config, control, loader, logs, procmem
 from resque_starter.config import EXIT_CONFIG, ConfigError
+
+log = logging.getLogger("resque_starter.config")
 
 SUBCOMMANDS = ("run", "demo", "ctl")
 DEMO_APP = "resque_starter.demo.tasks"
@@ -83,11 +86,13 @@ def run(args: argparse.Namespace, demo: bool) -> int:
     if demo and not flags.get("app") and "RESQUE_STARTER_APP" not in environ:
         flags["app"] = DEMO_APP
     try:
-        settings = config.load(flags, environ)
+        settings = loader.load(flags, environ)
     except ConfigError as exc:
         print(f"resque-starter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(settings.log_level, settings.log_format)
+    for line in loader.warnings(environ, settings):
+        log.warning("%s", line)
     if demo:
         from resque_starter.demo import producer
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from resque_starter import cgroups, commands, config, procmem, protocol, redis_ping, rundir
+from resque_starter import cgroups, commands, config, loader, procmem, protocol, redis_ping, rundir
 from resque_starter.commands import Refused
 from resque_starter.config import (
     EXIT_APP_IMPORT,
@@ -321,7 +321,7 @@ class Supervisor:
     def request_reload(self) -> None:
         """HUP: re-read the configuration and start a new generation; the loop swaps workers over."""
         try:
-            new = config.load(self._flags, self._environ)
+            new = loader.load(self._flags, self._environ)
         except ConfigError as exc:
             self.reload_error = str(exc)
             raise Refused(str(exc)) from None

@@ -100,7 +100,7 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         payload = parse_payload(message)
         if payload.get("command") == "shutdown":
             self.log.info("Worker %s: shutdown command received, stopping after the current job", self.name)
-            self._controls.stop = True
+            self._controls.request_stop()
             return
         super().handle_payload(message)
         if (
