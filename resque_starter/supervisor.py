@@ -906,7 +906,7 @@ class Supervisor:
 
     def _slot_label(self, w: Worker) -> str:
         if len(self.settings.groups) > 1:
-            return f"{','.join(w.queues)}:{w.spec.slot}"
+            return f"{w.group}:{w.spec.slot}"
         return str(w.spec.slot)
 
     def _title(self) -> str:
