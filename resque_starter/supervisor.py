@@ -376,8 +376,14 @@ class Supervisor:
         return sum(1 for w in self.workers.values() if w.pid is not None)
 
     def kill_job(self, job_id: str) -> dict[str, Any] | None:
-        """`ctl kill JOB_ID`: USR1 to the worker that last reported running this job."""
-        for w in self.workers.values():
+        """`ctl kill JOB_ID`: USR1 to the worker running this job. What the worker has reported since
+        the loop last read is read first, so a job that has just ended is not taken for running (its
+        worker's next job would be killed instead)."""
+        for w in list(self.workers.values()):
+            if (w.job or {}).get("job") != job_id:
+                continue
+            if w.listening:
+                self._on_worker_message(w)
             if w.pid is not None and w.state == WorkerState.BUSY and (w.job or {}).get("job") == job_id:
                 log.info("kill job %s on worker[%s] pid %s", job_id, self._slot_label(w), w.pid)
                 self._signal(w, signal.SIGUSR1)
@@ -1143,7 +1149,7 @@ class Supervisor:
 
     def _slot_label(self, w: Worker) -> str:
         if len(self.settings.groups) > 1:
-            return f"{','.join(w.queues)}:{w.spec.slot}"
+            return f"{w.group}:{w.spec.slot}"
         return str(w.spec.slot)
 
     def _title(self) -> str:
