@@ -122,9 +122,11 @@ def test_a_quick_stop_logs_its_requeue_once_as_a_requeue_and_no_line_lacks_its_p
     assert tags == {(job.id, "testjobs.sleep_then_record", "default")}
 
 
-def test_a_worker_interrupted_twice_kills_and_logs_its_horse_once(start, conn) -> None:
-    """A terminal's ^C reaches every process of the group, and the supervisor then signals the worker too."""
-    s = start(RESQUE_STARTER_CONCURRENCY="1")
+@pytest.mark.parametrize("prefork", ["false", "true"])
+def test_a_worker_interrupted_twice_kills_and_logs_its_horse_once(start, conn, prefork: str) -> None:
+    """A terminal's ^C reaches every process of the group, and the supervisor then signals the worker too
+    (a pre-forked horse is its forker's child: killed, it stays a zombie the worker can signal again)."""
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_PREFORK_HORSE=prefork)
     s.wait_workers(1)
     job = enqueue(conn, "testjobs.sleep_then_record", 60)
     wait_for(lambda: conn.llen("testjobs:done:started") >= 1, what="the long job to start")
