@@ -96,6 +96,7 @@ class Settings:
     refork_after: int | None = None
     prefork_horse: bool = False
     metrics_port: int | None = None
+    lease_ttl: float = 15.0
     hooks: Hooks = field(default_factory=Hooks)
 
     def for_group(self, index: int) -> Settings:
@@ -455,6 +456,15 @@ class _Var:
 
 
 _whole_seconds = _whole(1, allowed="a whole number of seconds >= 1")
+MIN_LEASE_TTL, MAX_LEASE_TTL = 3.0, 3600.0  # refreshed every TTL/3, so at least once a second
+
+
+def _lease_ttl(value: object) -> float:
+    seconds = _seconds(value)
+    if seconds is None or not MIN_LEASE_TTL <= seconds <= MAX_LEASE_TTL:
+        raise _Invalid("a duration from 3s to 1h, in seconds or with a unit: 15, 15s, 1m")
+    return seconds
+
 
 VARIABLES = (
     _Var("redis_url", _redis_url, "Redis URL (redis://, rediss://, unix://); also REDIS_URL"),
@@ -493,6 +503,7 @@ VARIABLES = (
     _Var("refork_after", _off(_whole(1)), "promote a worker to mold after this many jobs"),
     _Var("prefork_horse", _boolean, "fork the next work-horse while waiting for a job"),
     _Var("metrics_port", _off(_whole(1, 65535)), "serve /healthz, /readyz, /metrics on this port"),
+    _Var("lease_ttl", _lease_ttl, "a pod not heard from for this long is dead: another pod settles its jobs"),
 )
 _BY_FIELD = {var.field: var for var in VARIABLES}
 
