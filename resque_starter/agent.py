@@ -83,13 +83,14 @@ def predecessor(run_dir: str, pod: str) -> str:
 
 
 class Agent:
-    def __init__(self, settings: Settings, sock: socket.socket, supervisor: int, pod: str, established: bool):
+    def __init__(self, settings: Settings, sock: socket.socket, supervisor: int, request: dict[str, Any]):
         assert settings.redis_url is not None
         self.settings = settings
         self.sock = sock
         self.supervisor = supervisor
-        self.leases = Leases(connect(settings.redis_url), pod, settings.lease_ttl)
-        self.established = established
+        self.leases = Leases(connect(settings.redis_url), str(request["pod"]), settings.lease_ttl)
+        self.established = bool(request.get("established"))
+        self.first = bool(request.get("first"))  # the supervisor's first lease (not one after a loss)
         self.held: dict[str, list[str]] | None = None  # what the lease does not name yet
         self.predecessor = ""
         self.unfinished: Taken | None = None  # a lease taken over whose settling Redis interrupted
@@ -102,9 +103,11 @@ class Agent:
 
     def run(self) -> None:
         try:
-            self.predecessor = predecessor(self.settings.run_dir, self.leases.pod)
+            previous = predecessor(self.settings.run_dir, self.leases.pod)
         except OSError as exc:
             log.warning("cannot read or write %s in %s: %s", POD_FILE, self.settings.run_dir, exc)
+        else:
+            self.predecessor = previous if self.first else ""
         if self.predecessor:
             log.info("pod %s ran in this run dir before: settling its lease at once", self.predecessor)
         while not self.done:
@@ -207,4 +210,4 @@ def run_agent(settings: Settings, request: dict[str, Any], status_fd: int, super
     setproctitle(f"resque-starter: agent pod={request['pod']}")
     sock = socket.socket(fileno=status_fd)
     sock.settimeout(SEND_TIMEOUT)
-    Agent(settings, sock, supervisor, str(request["pod"]), bool(request.get("established"))).run()
+    Agent(settings, sock, supervisor, request).run()

@@ -65,7 +65,7 @@ _TAKE = (
 local pod = false
 if ARGV[3] ~= '' and redis.call('ZSCORE', KEYS[1], ARGV[3]) then
   local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[3]))
-  if score <= now or not redis.call('HEXISTS', ARGV[4] .. ARGV[3], 'settler') then pod = ARGV[3] end
+  if score <= now or redis.call('HEXISTS', ARGV[4] .. ARGV[3], 'settler') == 0 then pod = ARGV[3] end
 end
 if not pod then
   for _, due in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 2)) do

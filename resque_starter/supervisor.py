@@ -908,7 +908,7 @@ class Supervisor:
         agent = self.agent = Agent(ours)
         self._agent_next = now + AGENT_RESPAWN_DELAY
         self._selector.register(ours, selectors.EVENT_READ, lambda s: self._on_agent_message(agent))
-        request = {"op": "agent", "token": "agent", "pod": self.pod_id}
+        request = {"op": "agent", "token": "agent", "pod": self.pod_id, "first": self._leases == 1}
         self._send_mold(mold, {**request, "established": self._lease_established}, [theirs.fileno()])
         theirs.close()
 
