@@ -614,6 +614,8 @@ class Supervisor:
             if w.ready and w.paused != paused and not w.stopping:
                 w.paused = paused
                 self._signal(w, signal.SIGUSR2 if paused else signal.SIGCONT)
+                if not paused and w.state == "paused":
+                    w.state = "idle"  # a worker resumed before its wait for jobs began says nothing
 
     def _ready_mold(self) -> Mold | None:
         """The current generation's mold, or any ready one, for forking helpers (recoveries, agent)."""
