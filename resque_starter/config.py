@@ -17,9 +17,9 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from resque_starter import cgroups
+from resque_starter import cgroups, connection
+from resque_starter.connection import mask_url
 
 EXIT_OK = 0
 EXIT_INTERRUPTED = 1
@@ -365,29 +365,10 @@ def check_classes(settings: Settings) -> str | None:
 
 
 def _redis_url(value: object) -> str:
-    """redis-py's URL forms, checked without importing redis-py (it is 17 MB the supervisor avoids)."""
-    url = value.strip() if isinstance(value, str) else ""
-    allowed = "a redis://, rediss:// or unix:// URL"
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise _Invalid(f"{allowed} ({e})") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise _Invalid(f"{allowed} (the scheme is {parts.scheme!r})" if parts.scheme else allowed)
-    if parts.scheme == "unix":
-        if not parts.path or parts.path == "/":
-            raise _Invalid(f"{allowed} (unix:// needs the socket's path: unix:///run/redis.sock)")
-    elif port == 0:
-        raise _Invalid(f"{allowed} (port 0)")
-    else:
-        db = parts.path.lstrip("/")
-        if db and not db.isdigit():
-            raise _Invalid(f"{allowed} (the database {db!r} is not a number)")
-    for key, values in parse_qs(parts.query).items():
-        if key == "db" and not values[0].isdigit():
-            raise _Invalid(f"{allowed} (db={values[0]!r} is not a number)")
-    return url
+        return connection.check_url(value)
+    except connection.BadURL as e:
+        raise _Invalid(str(e)) from None
 
 
 def _text(value: object) -> str:
@@ -683,13 +664,3 @@ def _run_config_file(path: str, label: str) -> dict[str, Any]:
     except (Exception, SystemExit) as e:
         problem = f"a Python file that runs (it raised {type(e).__name__}: {e})"
     raise ConfigError(label, path, problem)
-
-
-def mask_url(url: str) -> str:
-    """Hide the password of a Redis URL (userinfo or ?password=) for logs and `ctl status`."""
-    scheme, sep, rest = url.partition("://")
-    if sep:
-        userinfo, at, host = rest.rpartition("@")
-        if at and ":" in userinfo:
-            rest = f"{userinfo.partition(':')[0]}:***@{host}"
-    return scheme + sep + re.sub(r"(?<=[?&])password=[^&#]*", "password=***", rest)

@@ -216,7 +216,7 @@ def _run_and_exit(target: Callable[[], None]) -> NoReturn:
 
 
 def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int, supervisor: int) -> None:
-    from resque_starter.worker import run_worker
+    from resque_starter.worker import run_worker  # imports rq: never in the supervisor, which imports us
 
     if orphans.await_adoption(supervisor):
         # outside a PID namespace nothing else would stop a worker whose supervisor was SIGKILLed:
@@ -225,7 +225,12 @@ def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int, superviso
 
     group = settings.groups[spec.group]
     logs.set_role(f"worker[{group.name}:{spec.slot}]" if len(settings.groups) > 1 else f"worker[{spec.slot}]")
-    run_worker(settings, spec, socket.socket(fileno=status_fd))
+    run_worker(settings, spec, socket.socket(fileno=status_fd), become_mold=_promoted)
+
+
+def _promoted(settings: Settings, generation: int, sock: socket.socket) -> NoReturn:
+    """A worker asked to be the mold of `generation` (reforking) becomes it, with what its jobs loaded."""
+    run_mold(settings, generation, sock, promoted=True)
 
 
 def _agent_main(settings: Settings, request: dict[str, object], status_fd: int, supervisor: int) -> None:
@@ -242,13 +247,14 @@ def _recovery_main(settings: Settings, request: dict[str, object], supervisor: i
     gives up by itself once the supervisor, its parent after the double fork, is gone."""
     import redis
 
+    from resque_starter.connection import connect
     from resque_starter.recovery import recover_worker
     from resque_starter.worker import DRIVER_INFO, REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX
 
     logs.set_role("recovery")
     setproctitle(f"resque-starter: recovery {request['worker']}")
     assert settings.redis_url is not None
-    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=30, driver_info=DRIVER_INFO)
+    connection = connect(settings.redis_url, socket_timeout=30, driver_info=DRIVER_INFO)
     wait = REDIS_BACKOFF_FIRST
     while True:
         try:
@@ -260,6 +266,7 @@ def _recovery_main(settings: Settings, request: dict[str, object], supervisor: i
                 max_requeues=settings.max_requeues,
                 reason=str(request["reason"]),
                 job_class=settings.job_class,
+                queue_class=settings.queue_class,
                 serializer=settings.serializer,
             )
             break

@@ -29,42 +29,23 @@ from rq.serializers import Serializer, resolve_serializer
 from rq.timeouts import UnixSignalDeathPenalty
 from rq.utils import as_text, import_job_class, import_queue_class, now
 
+from resque_starter import rq_compat
+from resque_starter.claims import CLAIM_PREFIX, claim_key, release_claims
+
+# claim_key and release_claims are part of this module's API (recovery is where claims are undone)
+__all__ = [
+    "CLAIM_PREFIX", "FAILED", "GONE", "REQUEUED", "REQUEUES_META_KEY", "RETRIED",
+    "claim_key", "recover_worker", "release_claims", "requeue_or_fail",
+]  # fmt: skip
+
 log = logging.getLogger("resque_starter.recovery")
 
-CLAIM_PREFIX = "rq:resque-starter:claim:"
 REQUEUES_META_KEY = "resque_starter_requeues"
 
 REQUEUED = "requeued"
 RETRIED = "retried"
 FAILED = "failed"
 GONE = "gone"
-
-# KEYS: pairs (claim list, queue key). Every claimed id goes back to the FRONT of its queue; moving
-# from the claim's tail to the queue's head keeps the claimed ids in their original order.
-_RELEASE_CLAIMS = """
-local moved = 0
-for i = 1, #KEYS, 2 do
-  while redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'RIGHT', 'LEFT') do
-    moved = moved + 1
-  end
-end
-return moved
-"""
-
-
-def claim_key(worker_name: str, queue_name: str) -> str:
-    """The list holding the job ids `worker_name` took from `queue_name` but has not recorded yet."""
-    return f"{CLAIM_PREFIX}{worker_name}:{queue_name}"
-
-
-def release_claims(connection: redis.Redis, worker_name: str, queues: Iterable[Queue]) -> int:
-    """Put every job id claimed by `worker_name` back at the front of its queue; return how many."""
-    keys: list[str] = []
-    for queue in queues:
-        keys += [claim_key(worker_name, queue.name), queue.key]
-    if not keys:
-        return 0
-    return int(connection.register_script(_RELEASE_CLAIMS)(keys=keys))
 
 
 def _times(count: int) -> str:
@@ -112,7 +93,7 @@ def requeue_or_fail(
         if will_requeue:
             job.meta[REQUEUES_META_KEY] = count + 1
             job.started_at = job.ended_at = None
-            queue._enqueue_job(job, pipeline=pipe, at_front=True)
+            rq_compat.enqueue_at_front(queue, job, pipe)
             outcome = REQUEUED
         elif job.should_retry:
             job.retry(queue, pipe)
@@ -120,14 +101,7 @@ def requeue_or_fail(
         else:
             job.ended_at = now()
             job.set_status(JobStatus.FAILED, pipeline=pipe)
-            job._handle_failure(
-                exc_string,
-                pipe,
-                worker_name=worker_name,
-                execution_id=execution.id,
-                execution_started_at=execution.created_at,
-                execution_ended_at=job.ended_at,
-            )
+            rq_compat.record_failure(job, exc_string, pipe, worker_name, execution)
             outcome = FAILED
         pipe.execute()
     log.warning("job %s %s: %s", job.id, outcome, exc_string)

@@ -29,7 +29,7 @@ from rq.job import Job, JobStatus
 from conftest import RedisServer, free_port, wait_for
 from starter import ROOT, TESTS, Starter, base_env, children, ctl, descendants, ok, process_state, registries
 
-DOC = ROOT / "README.md"
+DOC = ROOT / "docs" / "operating.md"
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def rq_states(conn: redis.Redis) -> list[str]:
 
 def documented_fields(heading: str) -> set[str]:
     """The field names of one table in the docs: the first backticked cell of each row under heading."""
-    section = DOC.read_text().split(f"### {heading}\n", 1)[1].split("\n#", 1)[0]
+    section = DOC.read_text().split(f"# {heading}\n", 1)[1].split("\n#", 1)[0]
     return set(re.findall(r"^\| `([a-z_.]+)`", section, re.MULTILINE))
 
 

@@ -17,6 +17,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.suspension import resume
 
 import resque_starter.worker as worker_module
+import resque_starter.worker.dequeue as worker_dequeue
 from resque_starter.config import Group, Hooks
 from resque_starter.recovery import REQUEUES_META_KEY, claim_key, recover_worker
 
@@ -474,7 +475,7 @@ def test_sigkill_between_pop_and_record_loses_nothing(
     start: Start, conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The hole in rq: a worker killed after taking a job id but before recording it."""
-    monkeypatch.setattr(worker_module, "CLAIM_POLL_SECONDS", 5.0)  # a wide window to freeze it in
+    monkeypatch.setattr(worker_dequeue, "CLAIM_POLL_SECONDS", 5.0)  # a wide window to freeze it in
     queue = Queue("default", connection=conn)
     worker = start()
     worker.expect("ready")

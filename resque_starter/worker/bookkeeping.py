@@ -1,0 +1,110 @@
+"""The worker's titles and its events to the supervisor, and rq's Redis bookkeeping in fewer round trips.
+
+rq's loop, at the end of each job, sets the worker idle, heartbeats, and checks for `rq suspend`, each a
+round trip of its own (three for a heartbeat without a pipeline); the idle event reports the job
+counters. `ReportingMixin` sends all of that in one round trip with the job's end, and skips what rq's
+loop then repeats. It relies on the order of rq's loop that `rq_compat.WORK_LOOP_SIMPLE` names.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from redis.client import Pipeline
+from rq.suspension import WORKERS_SUSPENDED
+from rq.worker import WorkerStatus
+from setproctitle import setproctitle
+
+from resque_starter.rq_compat import WorkerBase
+from resque_starter.worker.controls import Context, Running
+
+COUNTERS = ("successful_job_count", "failed_job_count")  # rq's, in the worker's hash: the idle event's
+
+
+class ReportingMixin(WorkerBase):
+    """Titles, status events, and rq's heartbeat, state and suspension check in fewer round trips."""
+
+    _context: Context
+    _running: Running | None
+    _state_title: str
+    _counters: list[bytes | None] | None  # read with the end of the last job
+    _heartbeat_sent: bool  # with the end of the last job, for rq's loop, which sends one next
+    _suspended: bool | None  # read with the end of the last job, for rq's loop's next check
+
+    def procline(self, message: str) -> None:
+        """rq calls this at every step; show resque-starter's title instead of rq's message."""
+        running = self._running
+        if running is None:
+            setproctitle(self._context.title(self._state_title))
+        elif self.is_horse:
+            setproctitle(self._context.title(f"horse job={running.job_id[:8]} {running.func}"))
+        else:
+            elapsed = time.time() - running.started
+            setproctitle(self._context.title(f"busy job={running.job_id[:8]} {running.func} {elapsed:.1f}s"))
+
+    def _set_title(self, state: str) -> None:
+        self._state_title = state
+        self.procline(state)
+
+    def register_birth(self) -> None:
+        super().register_birth()
+        self._context.send({"event": "ready", "pid": os.getpid(), "name": self.name})
+
+    def _send_busy(self, horse: int | None) -> None:
+        running = self._running
+        assert running is not None
+        self._context.send(
+            {"event": "busy", "job": running.job_id, "func": running.func, "queue": running.queue,
+             "horse": horse, "started": running.started}
+        )  # fmt: skip
+
+    def _send_idle(self) -> None:
+        counters, self._counters = self._counters, None
+        done, failed = counters if counters is not None else self.connection.hmget(self.key, COUNTERS)
+        self._context.send(
+            {"event": "idle", "done": int(done or 0), "failed": int(failed or 0), "requeued": self._requeued}
+        )
+
+    # --- rq's bookkeeping, in fewer round trips ---------------------------------------------------
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """rq sends a heartbeat's three commands one round trip each when it is given no pipeline: send them
+        in one. The one rq's loop sends right after each job went with the job's end (set_state)."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        if self._heartbeat_sent and timeout is None:
+            self._heartbeat_sent = False
+            return
+        with self.connection.pipeline(transaction=False) as own:
+            super().heartbeat(timeout, own)
+            own.execute()
+
+    def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
+        """rq sets IDLE at the end of each job, and the wait for the next sets it again: once is enough. At
+        the end of a job, what rq's loop does next (a heartbeat, then the check for `rq suspend`) and the
+        counters the idle event reports go in the same round trip."""
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        if state == self._state:
+            return
+        if state != WorkerStatus.IDLE or self._running is None:
+            super().set_state(state)
+            return
+        with self.connection.pipeline(transaction=False) as own:
+            super().set_state(state, own)
+            super().heartbeat(pipeline=own)
+            own.hmget(self.key, COUNTERS)
+            own.exists(WORKERS_SUSPENDED)
+            *_, self._counters, suspended = own.execute()
+        self._heartbeat_sent = True
+        self._suspended = bool(suspended)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """rq's loop checks for `rq suspend` before each job; after a job, the job's end read it (see
+        set_state): only a suspension found then is left for rq to handle."""
+        suspended, self._suspended = self._suspended, None
+        if suspended is not False:
+            super().check_for_suspension(burst)

@@ -1,0 +1,170 @@
+"""What the worker's signal handlers may touch (`Controls`), what the worker knows of its environment
+(`Context`) and of the job it runs (`Running`): the state shared by the worker mixins and the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from rq.job import Job
+
+from resque_starter import orphans, protocol
+from resque_starter.config import Settings
+from resque_starter.protocol import WorkerSpec
+
+if TYPE_CHECKING:
+    from resque_starter.worker.mixin import StarterMixin
+
+REDIS_BACKOFF_FIRST = 0.5  # waiting for Redis: the first wait, doubled up to the last
+REDIS_BACKOFF_MAX = 30.0
+
+QUICK_STOP = "quick"
+KILL_JOB = "kill"
+QUICK_STOP_REASON = "resque-starter: interrupted by shutdown (quick stop, SIGINT)"
+KILL_JOB_REASON = "resque-starter: job killed by SIGUSR1"
+
+_OUR_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
+
+
+class JobInterrupted(BaseException):
+    """Raised inside a SimpleWorker's running job by SIGINT or SIGUSR1 (a forking worker kills its
+    horse instead). A BaseException, like rq's ShutDownImminentException, so `except Exception` in
+    job code does not swallow it."""
+
+
+class Controls:
+    """The state signal handlers may touch: flags, plus the worker once it exists.
+
+    Every handler only sets flags or interrupts the running job. A wakeup pipe (signal.set_wakeup_fd)
+    lets the worker sleep while paused or backing off and still react to a signal at once.
+    """
+
+    def __init__(self, paused: bool) -> None:
+        self.stop = False
+        self.quick = False
+        self.paused = paused
+        self.worker: StarterMixin | None = None
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def install(self) -> None:
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGQUIT, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_quick_stop)
+        signal.signal(signal.SIGUSR1, self._on_kill_job)
+        signal.signal(signal.SIGUSR2, self._on_pause)
+        signal.signal(signal.SIGCONT, self._on_resume)
+
+    def uninstall_in_child(self) -> None:
+        """In a fork of the worker (horse, scheduler): none of this belongs to it."""
+        signal.set_wakeup_fd(-1)
+        for signum in _OUR_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        os.close(self._read)
+        os.close(self._write)
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to `timeout` seconds; any signal ends it early."""
+        select.select([self._read], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 512):
+                pass
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = True
+
+    def _on_quick_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = self.quick = True
+        if self.worker is not None:
+            self.worker.interrupt_job(QUICK_STOP)
+
+    def _on_kill_job(self, signum: int, frame: FrameType | None) -> None:
+        if self.worker is not None:
+            self.worker.interrupt_job(KILL_JOB)
+
+    def _on_pause(self, signum: int, frame: FrameType | None) -> None:
+        self.paused = True
+
+    def _on_resume(self, signum: int, frame: FrameType | None) -> None:
+        self.paused = False
+
+
+@dataclass
+class Context:
+    """Everything the worker needs from its environment, built once in run_worker."""
+
+    settings: Settings
+    spec: WorkerSpec
+    controls: Controls
+    status: socket.socket
+    queues: tuple[str, ...] = ()
+    label: str = ""
+    deadline: float | None = None
+    promote_to: int | None = None  # the generation whose mold the supervisor asked this worker to be
+    pid: int = field(default_factory=os.getpid)  # the worker's, in every fork of it
+    _inbox: protocol.LineBuffer = field(default_factory=protocol.LineBuffer, repr=False)
+    _released: bool = field(default=False, repr=False)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Tell the supervisor; it may be gone (then nobody is listening), which is not our problem."""
+        with contextlib.suppress(OSError):
+            protocol.send(self.status, message)
+
+    def promotion_requested(self) -> bool:
+        """Read, without blocking, whether the supervisor sent `promote` (its only message to a worker)."""
+        while self.promote_to is None and select.select([self.status], [], [], 0)[0]:
+            try:
+                data = self.status.recv(65536)
+            except OSError:
+                return False
+            if not data:
+                return False
+            for message in self._inbox.feed(data):
+                if message.get("op") == "promote":
+                    self.promote_to = int(message["generation"])
+        return self.promote_to is not None
+
+    def title(self, state: str) -> str:
+        return f"resque-starter: worker[{self.label}] gen={self.spec.generation} {state}"
+
+    def close_in_child(self) -> None:
+        """os.register_at_fork hook, in each child of the worker (its horse forker, rq's horse or
+        scheduler): our socket and handlers are not its own, and it dies with the worker. rq's scheduler
+        would outlive a killed worker holding the worker's Redis connections open, and a claim the worker
+        had waiting could then still move a job into the dead worker's list after its recovery."""
+        if self._released:
+            return  # a fork of a fork: already done in its parent
+        self.status.close()
+        self.release()
+        orphans.die_with_parent(self.pid)
+
+    def release(self) -> None:
+        """Give up the signal handlers and wakeup pipe for good (a fork, or a worker promoted to mold):
+        the at-fork hook, which cannot be unregistered, does nothing from here on."""
+        self._released = True
+        self.controls.uninstall_in_child()
+
+
+@dataclass
+class Running:
+    job_id: str
+    func: str
+    queue: str
+    started: float
+
+
+def func_name(job: Job) -> str:
+    """The job's function name, for titles and events; "?" for data rq cannot load."""
+    try:
+        return job.func_name or "?"
+    except Exception:  # undeserializable job data: rq fails it when it runs
+        return "?"

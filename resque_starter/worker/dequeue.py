@@ -1,0 +1,171 @@
+"""Between two jobs: claim the next one (see `claims`), pause, and recycle.
+
+rq pops a job id (BLPOP) or moves it into a shared intermediate list (BLMOVE); a worker killed after
+that loses the job, or holds it until rq's maintenance finds it a minute or more later. Here job ids
+move atomically into a claim list of this worker and leave it in the transaction that records the
+execution (see StarterMixin.set_state), so recovery finds everything a dead worker held.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from redis.commands.core import Script
+from rq.exceptions import NoSuchJobError, StopRequested
+from rq.job import Job
+from rq.queue import Queue
+from rq.utils import as_text, now
+from rq.worker import WorkerStatus
+
+from resque_starter import claims
+from resque_starter.rq_compat import WorkerBase
+from resque_starter.worker.controls import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX, Context, Controls
+
+# How long one blocking wait for a job lasts. It bounds how late a pause or stop takes effect
+# while idle, and how late a job on a queue other than the first one is noticed while blocked
+# (BLMOVE can wait on one list only; every poll first tries all queues in priority order).
+CLAIM_POLL_SECONDS = 1.0
+
+
+def private_memory() -> int:
+    """This process's USS in bytes: memory no other process shares (copy-on-write copies included)."""
+    total = 0
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class ClaimingMixin(WorkerBase):
+    """rq's dequeue, with claims, pause and recycling; titles and events come from ReportingMixin."""
+
+    _context: Context
+    _controls: Controls
+    _jobs_done: int
+    _claim_first: Script | None
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """Claim the next job, as rq's version pops it: heartbeats, maintenance and the backoff on
+        Redis connection errors are kept; pause, stop and recycling are checked between short waits.
+
+        `timeout` None (burst mode) tries once without blocking; otherwise it waits, in
+        CLAIM_POLL_SECONDS steps, until a job comes, a stop, or `max_idle_time` seconds pass.
+        """
+        self.set_state(WorkerStatus.IDLE)
+        self._set_title(f"idle queues={','.join(self._context.queues)}")
+        wait = REDIS_BACKOFF_FIRST
+        idle_since = time.monotonic()
+        while True:
+            try:
+                self._recycle_if_due()
+                self._wait_while_paused()
+                if self._controls.stop:
+                    raise StopRequested()
+                self._heartbeat_if_due()
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                result = self._claim(block=timeout is not None)
+                wait = REDIS_BACKOFF_FIRST
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                self.log.error("Worker %s: Redis unreachable (%s), retrying in %.1fs", self.name, exc, wait)
+                self._controls.wait(wait)
+                wait = min(wait * 2, REDIS_BACKOFF_MAX)
+                continue
+            if result is not None or timeout is None:
+                return result
+            if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
+                return None
+
+    def _heartbeat_if_due(self) -> None:
+        """rq heartbeats before each blocking wait of `dequeue_timeout` seconds: keep that cadence."""
+        last = self.last_heartbeat
+        if last is None or (now() - last).total_seconds() >= self.dequeue_timeout:
+            self.heartbeat()
+
+    def _claim(self, block: bool) -> tuple[Job, Queue] | None:
+        """Move the first available job id into this worker's claim list and fetch the job."""
+        ordered = self._ordered_queues
+        names = [queue.name for queue in ordered]
+        assert self._claim_first is not None
+        prefix = self.job_class.redis_job_namespace_prefix
+        found = claims.claim_first(self._claim_first, self.name, ordered, prefix)
+        if found is None and block:
+            first = claims.claim_key(self.name, names[0])
+            job_id = self.connection.blmove(ordered[0].key, first, CLAIM_POLL_SECONDS, "LEFT", "RIGHT")
+            found = (names[0], as_text(job_id), None) if job_id is not None else None
+        if found is None:
+            return None
+        queue_name, job_id, fields = found
+        queue = ordered[names.index(queue_name)]
+        if self._controls.stop or self._controls.paused:  # the signal came while we were waiting
+            self._release_claims()
+            return None
+        try:
+            job = self._load(job_id, fields)
+        except NoSuchJobError:  # deleted while queued: drop it, as rq does
+            self.connection.lrem(claims.claim_key(self.name, queue_name), 1, job_id)
+            return None
+        self.reorder_queues(reference_queue=queue)
+        job.redis_server_version = self.get_redis_server_version()
+        self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+        return job, queue
+
+    def _load(self, job_id: str, fields: list[bytes] | None) -> Job:
+        """The claimed job: from the fields the claim brought, or (after BLMOVE) Job.fetch."""
+        if fields is None:
+            return self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
+        if not fields:
+            raise NoSuchJobError(f"No such job: {self.job_class.key_for(job_id)}")
+        job = self.job_class(job_id, connection=self.connection, serializer=self.serializer)
+        job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
+        return job
+
+    def _release_claims(self) -> None:
+        moved = claims.release_claims(self.connection, self.name, self.queues)
+        if moved:
+            self.log.info("Worker %s: put %d claimed job(s) back at the front of a queue", self.name, moved)
+
+    def _wait_while_paused(self) -> None:
+        if not self._controls.paused or self._controls.stop:
+            return
+        self.set_state(WorkerStatus.SUSPENDED)
+        self._set_title("paused")
+        self._context.send({"event": "paused"})
+        self.log.info("Worker %s: paused (SIGUSR2), SIGCONT resumes", self.name)
+        while self._controls.paused and not self._controls.stop:
+            self._heartbeat_if_due()
+            self._recycle_if_due()
+            self._controls.wait(CLAIM_POLL_SECONDS)  # a signal ends it at once; the rest is polled
+        if not self._controls.paused:
+            self.log.info("Worker %s: resumed", self.name)
+            self._context.send({"event": "resumed"})
+        self.set_state(WorkerStatus.IDLE)
+        self._set_title(f"idle queues={','.join(self._context.queues)}")
+
+    def _recycle_if_due(self) -> None:
+        if self._controls.stop:
+            return
+        if self._context.promotion_requested():
+            generation = self._context.promote_to
+            self.log.info("Worker %s: promoted to be the mold of generation %d", self.name, generation)
+            self._controls.stop = True
+            return
+        reason = self._recycle_reason()
+        if reason:
+            self.log.info("Worker %s: recycling (%s)", self.name, reason)
+            self._context.send({"event": "recycle", "reason": reason})
+            self._controls.stop = True
+
+    def _recycle_reason(self) -> str | None:
+        settings = self._context.settings
+        if settings.max_jobs is not None and self._jobs_done >= settings.max_jobs:
+            return "max_jobs"
+        if self._context.deadline is not None and time.monotonic() >= self._context.deadline:
+            return "max_lifetime"
+        if settings.max_memory is not None and private_memory() > settings.max_memory:
+            return "max_memory"
+        return None
