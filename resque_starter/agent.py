@@ -33,7 +33,8 @@ import redis
 from setproctitle import setproctitle
 
 from resque_starter import logs, orphans, protocol
-from resque_starter.config import Settings, mask_url
+from resque_starter.config import Settings
+from resque_starter.connection import connect, mask_url
 from resque_starter.lease import Leases, Taken
 
 log = logging.getLogger("resque_starter.agent")
@@ -53,11 +54,11 @@ class Duty:
     due: float = 0.0
 
 
-def connect(url: str) -> redis.Redis:
+def client(url: str) -> redis.Redis:
     """The agent's Redis client: the workers' connection options, and a bound on every reply."""
     from resque_starter.worker import DRIVER_INFO
 
-    return redis.Redis.from_url(
+    return connect(
         url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT, driver_info=DRIVER_INFO
     )
 
@@ -88,7 +89,7 @@ class Agent:
         self.settings = settings
         self.sock = sock
         self.supervisor = supervisor
-        self.leases = Leases(connect(settings.redis_url), str(request["pod"]), settings.lease_ttl)
+        self.leases = Leases(client(settings.redis_url), str(request["pod"]), settings.lease_ttl)
         self.established = bool(request.get("established"))
         self.first = bool(request.get("first"))  # the supervisor's first lease (not one after a loss)
         self.held: dict[str, list[str]] | None = None  # what the lease does not name yet

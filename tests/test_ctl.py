@@ -27,7 +27,19 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from conftest import RedisServer, free_port, wait_for
-from starter import ROOT, TESTS, Starter, base_env, children, ctl, descendants, ok, process_state, registries
+from starter import (
+    ROOT,
+    TESTS,
+    Starter,
+    base_env,
+    children,
+    ctl,
+    descendants,
+    ok,
+    process_state,
+    registries,
+    supervised,
+)  # fmt: skip
 
 DOC = ROOT / "docs" / "operating.md"
 
@@ -139,9 +151,7 @@ def test_scale_to_n_up_and_down(start, conn) -> None:
     [last] = s.wait_workers(1)
     assert last["slot"] == 0, "scaling down stops the highest slots"
     wait_for(lambda: len(Worker.all(connection=conn)) == 1, what="rq to forget the stopped workers")
-    wait_for(
-        lambda: len([p for p in children(s.pid) if p != s.status()["molds"][0]["pid"]]) == 1, what="exits"
-    )
+    wait_for(lambda: len([p for p in supervised(s) if p != s.status()["molds"][0]["pid"]]) == 1, what="exits")
     for bad, reason in (
         ("-2", "the least is 0"),
         ("many", "scale takes N, +N or -N"),
