@@ -14,7 +14,8 @@ over its socketpair as the workers' do (protocol.py):
 - {"event": "lease-lost", "by": id}: another pod took this pod's lease over; the agent then exits
 - {"event": "released"}: after {"op": "release"}, the lease is removed; the agent then exits
 
-The supervisor sends {"op": "hold", "workers": {name: [queues]}} whenever what the pod holds changes.
+The supervisor sends {"op": "hold", "workers": {name: [queues]}, "more": bool} whenever what the pod holds
+changes (in parts for a big pod), and {"op": "release"} at the end of a clean stop.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Agent:
         self.redis_ok: bool | None = None
         self.done = False
         self._inbox = protocol.LineBuffer()
+        self._incoming: dict[str, list[str]] = {}
         self.refresh = Duty(settings.lease_ttl / 3, self._refresh)
         self.duties = [self.refresh, Duty(PROBE_INTERVAL, self._probe)]
 
@@ -152,9 +154,11 @@ class Agent:
             self.done = True  # the supervisor hung up
             return
         for message in self._inbox.feed(data):
-            if message.get("op") == "hold":
-                self.held = message.get("workers") or {}
-                self.refresh.due = 0.0
+            if message.get("op") == "hold":  # in parts for a big pod: "more" until the last one
+                self._incoming.update(message.get("workers") or {})
+                if not message.get("more"):
+                    self.held, self._incoming = self._incoming, {}
+                    self.refresh.due = 0.0
             elif message.get("op") == "release":
                 released = self.leases.release()
                 log.info("released the lease of pod %s" if released else "pod %s: lease was taken over",

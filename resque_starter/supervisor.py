@@ -57,6 +57,7 @@ AGENT_RESPAWN_DELAY = 1.0  # at least this between two agents, should one keep d
 AGENT_REPORT_STALE = 3.0  # readiness: the agent's word on Redis is this old at most
 AGENT_MIN_TIMEOUT = 5.0  # an agent silent this long (or TTL/2, if longer) is hung and replaced
 RELEASE_WAIT = 3.0  # how long a clean exit waits for the agent to remove the pod's lease
+HOLD_CHUNK = 200  # workers per "hold" message, so that a big pod's list stays far below protocol.MAX_LINE
 STOP_SIGNALS = {GRACEFUL: signal.SIGTERM, QUICK: signal.SIGINT, KILL: signal.SIGKILL}
 HANDLED = (
     signal.SIGTERM,
@@ -237,15 +238,16 @@ class Supervisor:
             callback(current.fileobj)
 
     def _next_timeout(self) -> float | None:
-        """Sleep until the next deadline (backoff, drain, stop escalation); forever when idle."""
+        """Sleep until the next deadline (backoff, drain, stop escalation and reports, the agent); forever
+        when idle. One already past was acted on by the reconcile just done, or waits for a child's exit."""
         now = time.monotonic()
-        deadlines = [until for _, until in self.backoff.values() if until > now]
+        deadlines = [until for _, until in self.backoff.values()]
         if self.stop_deadline is not None:
             deadlines += [self.stop_deadline, self._stop_report_at]
-        deadlines += self._agent_deadlines()
+        deadlines = [until for until in deadlines + self._agent_deadlines() if until > now]
         if self._signals:
             return 0
-        return max(0.0, min(deadlines) - now) if deadlines else None
+        return min(deadlines) - now if deadlines else None
 
     # ----------------------------------------------------------------- desired state: signals
 
@@ -897,7 +899,10 @@ class Supervisor:
                 self._kill_agent(a)
             elif a.releasing is None and a.held != (held := self._held()):
                 a.held = held
-                self._send_agent(a, {"op": "hold", "workers": held})
+                names = list(held)
+                for i in range(0, max(len(names), 1), HOLD_CHUNK):
+                    chunk = {name: held[name] for name in names[i : i + HOLD_CHUNK]}
+                    self._send_agent(a, {"op": "hold", "workers": chunk, "more": i + HOLD_CHUNK < len(names)})
             return
         finished = self.stop_level is not None and not self.workers and not self.recoveries
         if now < self._agent_next or finished:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,43 @@ def test_a_graceful_stop_says_what_it_waits_for_and_that_the_drain_ran_out(start
     )
     assert job.get_status(refresh=True) == JobStatus.QUEUED
     assert conn.zscore(LEASES, pod) is None and not conn.exists(lease_key(pod)), "a clean exit releases it"
+
+
+def test_a_big_pods_workers_reach_its_lease_in_parts(
+    redis_url: str, conn: redis.Redis, tmp_path: Path
+) -> None:
+    """The supervisor sends what the pod holds in parts ("more"); the lease names all of it, once whole."""
+    import dataclasses
+    import json
+    import socket
+    import threading
+
+    from resque_starter import config, protocol
+    from resque_starter.agent import Agent
+
+    settings = dataclasses.replace(config.Settings(), redis_url=redis_url, run_dir=str(tmp_path))
+    ours, theirs = socket.socketpair()
+    agent = Agent(settings, theirs, os.getppid(), {"pod": "big-pod", "first": True})
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        held = {f"big-pod.{i}": ["q1", "q2"] for i in range(1500)}
+        names = list(held)
+        for i in range(0, 1500, 200):
+            part = {name: held[name] for name in names[i : i + 200]}
+            protocol.send(ours, {"op": "hold", "workers": part, "more": i + 200 < 1500})
+            if i == 0:
+                time.sleep(1.5)  # a refresh falls between the parts: it must not write half a list
+                raw = conn.hget(lease_key("big-pod"), "workers")
+                assert raw is None or json.loads(raw) == {}, "a part written before the whole"
+
+        def whole() -> bool:
+            raw = conn.hget(lease_key("big-pod"), "workers")
+            return raw is not None and json.loads(raw) == held
+
+        wait_for(whole, 5, what="the lease naming all 1500 workers")
+        protocol.send(ours, {"op": "release"})
+        thread.join(5)
+        assert not thread.is_alive() and conn.zscore(LEASES, "big-pod") is None
+    finally:
+        ours.close()
