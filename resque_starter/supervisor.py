@@ -73,6 +73,16 @@ HANDLED = (
 )
 
 
+def _receive(sock: socket.socket) -> bytes | None:
+    """What a child sent on its non-blocking socket: None when nothing waits, b"" when it hung up."""
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 class Supervisor:
     def __init__(self, settings: Settings, flags: dict[str, str | None], environ: dict[str, str]) -> None:
         self.settings = settings
@@ -794,12 +804,9 @@ class Supervisor:
             log.error("mold gen=%d unreachable: %s", mold.generation, exc)
 
     def _on_worker_message(self, w: Worker) -> None:
-        try:
-            data = w.status.recv(65536)
-        except BlockingIOError:
+        data = _receive(w.status)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._selector.unregister(w.status)  # the worker is gone or going; reaping tells how
             w.listening = False
@@ -955,12 +962,9 @@ class Supervisor:
             log.warning("agent pid %d exited (%s); starting another", a.pid, describe_status(status))
 
     def _on_agent_message(self, a: Agent) -> None:
-        try:
-            data = a.sock.recv(65536)
-        except BlockingIOError:
+        data = _receive(a.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(a.sock)
