@@ -127,7 +127,10 @@ class Agent:
                 self._read()
 
     def _perform(self, duty: Duty) -> None:
-        """Run one duty; Redis failing is reported (not ready) and the duty tried again when due."""
+        """Run one duty; Redis failing is reported (not ready) and the duty tried again when due. Any
+        other failure (a dead pod's job the app's classes cannot load) is logged and the agent goes on:
+        it must not crash-loop, nor leave the pod unready, over one dead pod; that pod's lease is tried
+        again once the hold on it runs out (lease.SETTLE_HOLD)."""
         try:
             duty.run()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -135,6 +138,9 @@ class Agent:
         except redis.RedisError as exc:
             log.error("agent: %s", exc)
             self._report_redis(False, str(exc))
+        except Exception:
+            log.exception("agent: %s failed", duty.run.__name__)
+            self.unfinished = None
 
     def _report_redis(self, ok: bool, error: str = "") -> None:
         if ok != self.redis_ok:
@@ -160,11 +166,20 @@ class Agent:
                     self.held, self._incoming = self._incoming, {}
                     self.refresh.due = 0.0
             elif message.get("op") == "release":
-                released = self.leases.release()
-                log.info("released the lease of pod %s" if released else "pod %s: lease was taken over",
-                         self.leases.pod)  # fmt: skip
-                self.send({"event": "released"})
-                self.done = True
+                self._release()
+
+    def _release(self) -> None:
+        try:
+            released = self.leases.release()
+        except redis.RedisError as exc:
+            log.warning(
+                "could not release the lease of pod %s (%s): it expires instead", self.leases.pod, exc
+            )
+        else:
+            log.info("released the lease of pod %s" if released else "pod %s: the lease was taken over",
+                     self.leases.pod)  # fmt: skip
+        self.send({"event": "released"})
+        self.done = True
 
     def _refresh(self) -> None:
         held = self.held
