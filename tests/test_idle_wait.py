@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from resque_starter.idle_wait import IdleWait
+from resque_starter.worker.idle_wait import IdleWait
 
 QUEUES = ["rq:queue:a", "rq:queue:b", "rq:queue:c"]
 CLAIMS = ["claim:a", "claim:b", "claim:c"]

@@ -72,6 +72,18 @@ class Controls:
         os.close(self._read)
         os.close(self._write)
 
+    @property
+    def wake_fd(self) -> int:
+        """Readable once a signal came: what an idle wait selects on besides Redis."""
+        return self._read
+
+    def request_stop(self) -> None:
+        """A graceful stop asked from another thread (rq's command listener): as SIGTERM does, the flag
+        and a byte in the wakeup pipe, which ends an idle wait at once."""
+        self.stop = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write, b"\0")
+
     def wait(self, timeout: float) -> None:
         """Sleep up to `timeout` seconds; any signal ends it early."""
         select.select([self._read], [], [], timeout)
@@ -113,6 +125,7 @@ class Context:
     pid: int = field(default_factory=os.getpid)  # the worker's, in every fork of it
     _inbox: protocol.LineBuffer = field(default_factory=protocol.LineBuffer, repr=False)
     _released: bool = field(default=False, repr=False)
+    _hung_up: bool = field(default=False, repr=False)
 
     def send(self, message: dict[str, Any]) -> None:
         """Tell the supervisor; it may be gone (then nobody is listening), which is not our problem."""
@@ -125,13 +138,19 @@ class Context:
             try:
                 data = self.status.recv(65536)
             except OSError:
-                return False
+                data = b""
             if not data:
+                self._hung_up = True
                 return False
             for message in self._inbox.feed(data):
                 if message.get("op") == "promote":
                     self.promote_to = int(message["generation"])
         return self.promote_to is not None
+
+    def watched(self) -> tuple[int, ...]:
+        """What an idle wait also wakes on: the supervisor's socket, until it hangs up (then it would
+        be readable forever)."""
+        return () if self._hung_up or self.promote_to is not None else (self.status.fileno(),)
 
     def title(self, state: str) -> str:
         return f"resque-starter: worker[{self.label}] gen={self.spec.generation} {state}"

@@ -15,17 +15,18 @@ from redis.commands.core import Script
 from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job
 from rq.queue import Queue
-from rq.utils import as_text, now
+from rq.utils import now
 from rq.worker import WorkerStatus
 
 from resque_starter import claims
 from resque_starter.rq_compat import WorkerBase
 from resque_starter.worker.controls import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX, Context, Controls
+from resque_starter.worker.idle_wait import IdleWait
 
-# How long one blocking wait for a job lasts. It bounds how late a pause or stop takes effect
-# while idle, and how late a job on a queue other than the first one is noticed while blocked
-# (BLMOVE can wait on one list only; every poll first tries all queues in priority order).
-CLAIM_POLL_SECONDS = 1.0
+# How long one idle wait lasts at most. A job on any queue, a signal or a message from the supervisor
+# ends it at once (see idle_wait); its length bounds only how late a recycle by lifetime is noticed
+# and, with one BLMOVE per queue each time, what an idle worker costs Redis.
+CLAIM_POLL_SECONDS = 5.0
 
 
 def private_memory() -> int:
@@ -45,6 +46,8 @@ class ClaimingMixin(WorkerBase):
     _controls: Controls
     _jobs_done: int
     _claim_first: Script | None
+    _idle_wait: IdleWait | None = None
+    _claims_unsure = False  # a wait broke off with an error: a job may sit in a claim list of ours
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -52,8 +55,9 @@ class ClaimingMixin(WorkerBase):
         """Claim the next job, as rq's version pops it: heartbeats, maintenance and the backoff on
         Redis connection errors are kept; pause, stop and recycling are checked between short waits.
 
-        `timeout` None (burst mode) tries once without blocking; otherwise it waits, in
-        CLAIM_POLL_SECONDS steps, until a job comes, a stop, or `max_idle_time` seconds pass.
+        `timeout` None (burst mode) tries once without blocking; otherwise it waits, on every queue
+        at once and up to CLAIM_POLL_SECONDS at a time, until a job comes, a stop, or `max_idle_time`
+        seconds pass.
         """
         self.set_state(WorkerStatus.IDLE)
         self._set_title(f"idle queues={','.join(self._context.queues)}")
@@ -68,9 +72,13 @@ class ClaimingMixin(WorkerBase):
                 self._heartbeat_if_due()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
+                if self._claims_unsure:
+                    self._release_claims()
+                    self._claims_unsure = False
                 result = self._claim(block=timeout is not None)
                 wait = REDIS_BACKOFF_FIRST
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                self._claims_unsure = True
                 self.log.error("Worker %s: Redis unreachable (%s), retrying in %.1fs", self.name, exc, wait)
                 self._controls.wait(wait)
                 wait = min(wait * 2, REDIS_BACKOFF_MAX)
@@ -94,9 +102,7 @@ class ClaimingMixin(WorkerBase):
         prefix = self.job_class.redis_job_namespace_prefix
         found = claims.claim_first(self._claim_first, self.name, ordered, prefix)
         if found is None and block:
-            first = claims.claim_key(self.name, names[0])
-            job_id = self.connection.blmove(ordered[0].key, first, CLAIM_POLL_SECONDS, "LEFT", "RIGHT")
-            found = (names[0], as_text(job_id), None) if job_id is not None else None
+            found = self._wait_for_job(ordered)
         if found is None:
             return None
         queue_name, job_id, fields = found
@@ -113,6 +119,25 @@ class ClaimingMixin(WorkerBase):
         job.redis_server_version = self.get_redis_server_version()
         self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
         return job, queue
+
+    def _wait_for_job(self, ordered: list[Queue]) -> tuple[str, str, None] | None:
+        """Block on every queue at once (see idle_wait) for up to CLAIM_POLL_SECONDS, shorter when a
+        heartbeat or a recycle by lifetime is due sooner; a job comes already moved into this
+        worker's claim list."""
+        if self._idle_wait is None:
+            self._idle_wait = IdleWait(self.connection, self._controls.wake_fd)
+        names = [queue.name for queue in ordered]
+        won = self._idle_wait.wait(
+            [queue.key for queue in ordered],
+            [claims.claim_key(self.name, name) for name in names],
+            min(CLAIM_POLL_SECONDS, self.dequeue_timeout, self._until_recycle()),
+            self._context.watched(),
+        )
+        return (names[won[0]], won[1], None) if won is not None else None
+
+    def _until_recycle(self) -> float:
+        deadline = self._context.deadline
+        return CLAIM_POLL_SECONDS if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _load(self, job_id: str, fields: list[bytes] | None) -> Job:
         """The claimed job: from the fields the claim brought, or (after BLMOVE) Job.fetch."""

@@ -94,12 +94,21 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
 
     def handle_payload(self, message: Any) -> None:
         """rq's `shutdown` command sends SIGINT to the worker, which here means a quick stop; make it
-        the graceful stop it is in rq. Other commands (kill-horse, stop-job) behave as in rq."""
-        if parse_payload(message).get("command") == "shutdown":
+        the graceful stop it is in rq. Other commands (kill-horse, stop-job) behave as in rq, and
+        stop-job also stops a job that runs in this process (SimpleWorker, which rq cannot stop): as
+        USR1 does, from the main thread, and the job ends STOPPED as rq's command promises."""
+        payload = parse_payload(message)
+        if payload.get("command") == "shutdown":
             self.log.info("Worker %s: shutdown command received, stopping after the current job", self.name)
-            self._controls.stop = True
+            self._controls.request_stop()
             return
         super().handle_payload(message)
+        if (
+            payload.get("command") == "stop-job"
+            and not self._forks
+            and self._stopped_job_id == payload.get("job_id")
+        ):
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     # --- running a job -------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import redis
 from redis.connection import AbstractConnection
 
-from resque_starter.recovery import _RELEASE_CLAIMS
+from resque_starter import claims
 
 
 class IdleWait:
@@ -38,23 +38,25 @@ class IdleWait:
         self._ids: dict[int, int] = {}  # id(connection) -> its Redis client id, for CLIENT UNBLOCK
 
     def wait(
-        self, queue_keys: Sequence[str], claim_keys: Sequence[str], timeout: float
+        self, queue_keys: Sequence[str], claim_keys: Sequence[str], timeout: float, watch: Sequence[int] = ()
     ) -> tuple[int, str] | None:
-        """Wait up to `timeout` seconds (whole seconds are sent to Redis) for a job on any queue.
+        """Wait up to `timeout` seconds (at least 50 ms) for a job on any queue.
 
         Returns (index of the queue, job id) for the job moved into `claim_keys[index]`, or None when
-        the wait timed out or a signal came (the wakeup pipe is drained; the caller reads its flags).
+        the wait timed out, a signal came (the wakeup pipe is drained; the caller reads its flags), or
+        one of the `watch` descriptors became readable (left for the caller to read).
         Redis errors propagate after every connection is given back.
         """
         pool = self._client.connection_pool
         conns: list[AbstractConnection] = []
+        seconds = f"{max(0.05, timeout):.3f}"
         try:
             for queue_key, claim_key in zip(queue_keys, claim_keys, strict=True):
                 conn = pool.get_connection()
                 conns.append(conn)
                 self._client_id(conn)
-                conn.send_command("BLMOVE", queue_key, claim_key, "LEFT", "RIGHT", max(1, round(timeout)))
-            won, unread = self._first_answer(conns, timeout + 2.0)
+                conn.send_command("BLMOVE", queue_key, claim_key, "LEFT", "RIGHT", seconds)
+            won, unread = self._first_answer(conns, timeout + 2.0, watch)
         except BaseException:
             for conn in conns:  # a half-read reply must not go back to the pool; closing aborts the block
                 conn.disconnect()
@@ -63,12 +65,8 @@ class IdleWait:
         raced = self._cancel(conns, unread)
         for conn in conns:
             pool.release(conn)
-        keys: list[str] = []
-        for i, job_id in raced:  # moved in the instant before its cancel: back to the front of its queue
-            if job_id is not None:
-                keys += [claim_keys[i], queue_keys[i]]
-        if keys:
-            self._client.register_script(_RELEASE_CLAIMS)(keys=keys)
+        # a job moved in the instant before its wait was cancelled goes back to the front of its queue
+        claims.release(self._client, [(claim_keys[i], queue_keys[i]) for i, job_id in raced if job_id])
         return won
 
     def _client_id(self, conn: AbstractConnection) -> int:
@@ -80,15 +78,17 @@ class IdleWait:
         return known
 
     def _first_answer(
-        self, conns: list[AbstractConnection], limit: float
+        self, conns: list[AbstractConnection], limit: float, watch: Sequence[int]
     ) -> tuple[tuple[int, str] | None, list[int]]:
         """Wait for the first job moved, a signal, or every wait timing out: (index, job id) or None,
         and the indexes of the waits not answered yet."""
         socks = {self._fileno(conn): i for i, conn in enumerate(conns)}
         while socks:
-            ready, _, _ = select.select([self._wake_fd, *socks], [], [], limit)
+            ready, _, _ = select.select([self._wake_fd, *watch, *socks], [], [], limit)
             if not ready or self._wake_fd in ready:
                 self._drain_wakeup()
+                break
+            if any(fd in watch for fd in ready):
                 break
             i = socks.pop(ready[0])
             job_id = conns[i].read_response()
