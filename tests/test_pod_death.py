@@ -159,13 +159,13 @@ def test_a_pod_restarted_in_place_settles_its_predecessor_at_once(
     a = starters(env, prefix=UNSHARE)
     a.wait_workers(3)
     dead = wait_leased(conn, a)
-    job = Queue("q1", connection=conn).enqueue("testjobs.sleep_then_record", 60)
+    job = Queue("q1", connection=conn).enqueue("testjobs.sleep_then_record", 8)
     wait_for(lambda: conn.llen("testjobs:done:started") == 1, what="the job running")
     killed = kill_pod(a)
     b = starters(env, prefix=UNSHARE)
     wait_settled(conn, dead, killed, bound=10)  # well before the old lease's 30 s expire
     assert "ran in this run dir before: settling its lease at once" in b.log()
-    wait_for(lambda: conn.llen("testjobs:done") == 1, 80, what="the requeued job to run again")
+    wait_for(lambda: conn.llen("testjobs:done") == 1, 40, what="the requeued job to run again")
     assert job.get_status(refresh=True) == JobStatus.FINISHED
     assert conn.lrange("testjobs:done:started", 0, -1) == [job.id.encode()] * 2, "interrupted once, run twice"
 
