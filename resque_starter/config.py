@@ -227,7 +227,7 @@ SETTINGS = (
     ),
     Setting(
         "redis_url",
-        Kind("a redis://, rediss:// or unix:// URL", _redis_url),
+        Kind(connection.ALLOWED, _redis_url),
         "the Redis to use; REDIS_URL is read too (this one wins)",
         "Redis",
         "unset: an embedded `redis-server` child on a "

@@ -98,7 +98,7 @@ def test_pid1_answers_and_reaps_while_its_mold_is_stopped_under_a_thousand_spawn
             s.signal(signal.SIGTTIN)
             wait_for(lambda n=expected: s.status()["groups"][0]["size"] == n, 5, 0.001, what="TTIN")  # type: ignore[misc]
             latencies.append(time.monotonic() - began)
-        assert min(latencies) < 0.1, latencies
+        assert min(latencies) < 0.1 and max(latencies) < 0.5, latencies
         os.kill(worker_pid, signal.SIGKILL)
         wait_for(lambda: process_state(worker_pid) is None, 5, what="the killed worker to be reaped")
         assert s.ctl({"cmd": "scale", "n": "1"})["ok"]
@@ -162,7 +162,7 @@ def test_pid1_answers_ttin_and_reaps_under_floods_and_a_stopped_mold(
             s.signal(signal.SIGTTIN)
             wait_for(lambda n=expected: s.status()["groups"][0]["size"] == n, 5, 0.001, what="TTIN")  # type: ignore[misc]
             latencies.append(time.monotonic() - began)
-        assert min(latencies) < 0.1, latencies
+        assert min(latencies) < 0.1 and max(latencies) < 0.5, latencies
         killed = [_host_pid(s, w["pid"]) for w in workers]
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
