@@ -15,7 +15,7 @@ import pytest
 import redis
 from rq import Queue
 from rq.job import Job, JobStatus
-from test_pid1 import UNSHARE, _host_pid
+from test_pid1 import UNSHARE
 
 from conftest import free_port, wait_for
 from starter import Starter, process_state, registries
@@ -86,7 +86,7 @@ def test_pid1_answers_and_reaps_while_its_mold_is_stopped_under_a_thousand_spawn
 
     s = starters(base_env(redis_url, run_dir, RESQUE_STARTER_CONCURRENCY="1"), prefix=UNSHARE)
     [worker] = s.wait_workers(1)
-    mold = _host_pid(s, mold_pid(s))
+    mold = s.host_pid(mold_pid(s))
     worker_pid = _host_pid(s, worker["pid"])
     os.kill(mold, signal.SIGSTOP)
     try:
@@ -148,7 +148,7 @@ def test_pid1_answers_ttin_and_reaps_under_floods_and_a_stopped_mold(
     env = base_env(redis_url, run_dir, RESQUE_STARTER_CONCURRENCY="2", RESQUE_STARTER_METRICS_PORT=str(port))
     s = starters(env, prefix=UNSHARE)
     workers = s.wait_workers(2)
-    mold = _host_pid(s, mold_pid(s))
+    mold = s.host_pid(mold_pid(s))
     flood_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     floods = [
         subprocess.Popen([sys.executable, "-c", FLOOD[kind], arg], env=flood_env)
