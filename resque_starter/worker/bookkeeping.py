@@ -53,7 +53,8 @@ class ReportingMixin(WorkerBase):
 
     def _send_busy(self, horse: int | None) -> None:
         running = self._running
-        assert running is not None
+        if running is None:  # rq's code ran prepare_execution or fork_work_horse itself, not execute_job
+            return
         self._context.send(
             {"event": "busy", "job": running.job_id, "func": running.func, "queue": running.queue,
              "horse": horse, "started": running.started}

@@ -10,17 +10,16 @@ import select
 import signal
 import socket
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from rq.job import Job
+from rq.utils import now
 
 from resque_starter import orphans, protocol
 from resque_starter.config import Settings
 from resque_starter.protocol import WorkerSpec
-
-if TYPE_CHECKING:
-    from resque_starter.worker.mixin import StarterMixin
 
 REDIS_BACKOFF_FIRST = 0.5  # waiting for Redis: the first wait, doubled up to the last
 REDIS_BACKOFF_MAX = 30.0
@@ -39,6 +38,12 @@ class JobInterrupted(BaseException):
     job code does not swallow it."""
 
 
+class Interruptible(Protocol):
+    """The worker, as the signal handlers see it (StarterMixin)."""
+
+    def interrupt_job(self, kind: str) -> None: ...
+
+
 class Controls:
     """The state signal handlers may touch: flags, plus the worker once it exists.
 
@@ -49,13 +54,15 @@ class Controls:
     def __init__(self, paused: bool) -> None:
         self.stop = False
         self.quick = False
+        self.stop_requested_at: datetime | None = None  # of a warm shutdown (TERM, QUIT, `rq shutdown`)
         self.paused = paused
-        self.worker: StarterMixin | None = None
+        self.worker: Interruptible | None = None
+        self._read = self._write = -1  # the wakeup pipe, made by install()
+
+    def install(self) -> None:
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
-
-    def install(self) -> None:
         signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGQUIT, self._on_stop)
@@ -64,23 +71,37 @@ class Controls:
         signal.signal(signal.SIGUSR2, self._on_pause)
         signal.signal(signal.SIGCONT, self._on_resume)
 
+    @property
+    def installed(self) -> bool:
+        return self._read >= 0
+
     def uninstall_in_child(self) -> None:
         """In a fork of the worker (horse, scheduler): none of this belongs to it."""
+        if not self.installed:
+            return
         signal.set_wakeup_fd(-1)
         for signum in _OUR_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         os.close(self._read)
         os.close(self._write)
+        self._read = self._write = -1
 
     def wait(self, timeout: float) -> None:
-        """Sleep up to `timeout` seconds; any signal ends it early."""
-        select.select([self._read], [], [], timeout)
+        """Sleep up to `timeout` seconds; any signal ends it early (once installed)."""
+        select.select([self._read] if self.installed else [], [], [], timeout)
+        if not self.installed:
+            return
         with contextlib.suppress(BlockingIOError):
             while os.read(self._read, 512):
                 pass
 
-    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+    def request_stop(self) -> None:
+        """A warm shutdown: finish the current job, then exit."""
         self.stop = True
+        self.stop_requested_at = self.stop_requested_at or now()
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.request_stop()
 
     def _on_quick_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop = self.quick = True
@@ -100,12 +121,13 @@ class Controls:
 
 @dataclass
 class Context:
-    """Everything the worker needs from its environment, built once in run_worker."""
+    """Everything the worker needs from its environment, built once in run_worker (or, for a worker
+    class rq builds itself, as in Worker.find_by_key, `detached`)."""
 
     settings: Settings
     spec: WorkerSpec
     controls: Controls
-    status: socket.socket
+    status: socket.socket | None  # to the supervisor; None when there is none
     queues: tuple[str, ...] = ()
     label: str = ""
     deadline: float | None = None
@@ -114,13 +136,24 @@ class Context:
     _inbox: protocol.LineBuffer = field(default_factory=protocol.LineBuffer, repr=False)
     _released: bool = field(default=False, repr=False)
 
+    @classmethod
+    def detached(cls) -> Context:
+        """For a worker built with no supervisor, as rq's own code builds one (find_by_key, all(), a
+        script): the default settings, no status socket; it installs its signal handlers in work()."""
+        spec = WorkerSpec(group=0, slot=0, generation=0, name="")
+        return cls(Settings(), spec, Controls(paused=False), None)
+
     def send(self, message: dict[str, Any]) -> None:
         """Tell the supervisor; it may be gone (then nobody is listening), which is not our problem."""
+        if self.status is None:
+            return
         with contextlib.suppress(OSError):
             protocol.send(self.status, message)
 
     def promotion_requested(self) -> bool:
         """Read, without blocking, whether the supervisor sent `promote` (its only message to a worker)."""
+        if self.status is None:
+            return False
         while self.promote_to is None and select.select([self.status], [], [], 0)[0]:
             try:
                 data = self.status.recv(65536)
@@ -143,7 +176,8 @@ class Context:
         had waiting could then still move a job into the dead worker's list after its recovery."""
         if self._released:
             return  # a fork of a fork: already done in its parent
-        self.status.close()
+        if self.status is not None:
+            self.status.close()
         self.release()
         orphans.die_with_parent(self.pid)
 
@@ -156,6 +190,8 @@ class Context:
 
 @dataclass
 class Running:
+    """The job the worker runs now."""
+
     job_id: str
     func: str
     queue: str

@@ -9,8 +9,10 @@ execution (see StarterMixin.set_state), so recovery finds everything a dead work
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis
+from redis.client import Pipeline
 from redis.commands.core import Script
 from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job
@@ -20,7 +22,7 @@ from rq.worker import WorkerStatus
 
 from resque_starter import claims
 from resque_starter.rq_compat import WorkerBase
-from resque_starter.worker.controls import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX, Context, Controls
+from resque_starter.worker.controls import Context, Controls
 
 # How long one blocking wait for a job lasts. It bounds how late a pause or stop takes effect
 # while idle, and how late a job on a queue other than the first one is noticed while blocked
@@ -45,6 +47,9 @@ class ClaimingMixin(WorkerBase):
     _controls: Controls
     _jobs_done: int
     _claim_first: Script | None
+    _claimed: tuple[str, str] | None = None  # (job id, queue name) until the execution records it
+    _blocker: redis.Redis | None = None
+    _blocker_id: int | None = None
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -57,7 +62,7 @@ class ClaimingMixin(WorkerBase):
         """
         self.set_state(WorkerStatus.IDLE)
         self._set_title(f"idle queues={','.join(self._context.queues)}")
-        wait = REDIS_BACKOFF_FIRST
+        wait = 1.0  # rq's first wait for Redis, grown by its exponential_backoff_factor
         idle_since = time.monotonic()
         while True:
             try:
@@ -69,11 +74,12 @@ class ClaimingMixin(WorkerBase):
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 result = self._claim(block=timeout is not None)
-                wait = REDIS_BACKOFF_FIRST
+                wait = 1.0
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 self.log.error("Worker %s: Redis unreachable (%s), retrying in %.1fs", self.name, exc, wait)
+                self._blocker_id = None  # its connection comes back with a new id
                 self._controls.wait(wait)
-                wait = min(wait * 2, REDIS_BACKOFF_MAX)
+                wait = min(wait * self.exponential_backoff_factor, self.max_connection_wait_time)
                 continue
             if result is not None or timeout is None:
                 return result
@@ -95,7 +101,8 @@ class ClaimingMixin(WorkerBase):
         found = claims.claim_first(self._claim_first, self.name, ordered, prefix)
         if found is None and block:
             first = claims.claim_key(self.name, names[0])
-            job_id = self.connection.blmove(ordered[0].key, first, CLAIM_POLL_SECONDS, "LEFT", "RIGHT")
+            blocker = self._blocking_client()
+            job_id = blocker.blmove(ordered[0].key, first, CLAIM_POLL_SECONDS, "LEFT", "RIGHT")
             found = (names[0], as_text(job_id), None) if job_id is not None else None
         if found is None:
             return None
@@ -111,8 +118,51 @@ class ClaimingMixin(WorkerBase):
             return None
         self.reorder_queues(reference_queue=queue)
         job.redis_server_version = self.get_redis_server_version()
-        self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+        if self.log_job_description:  # what rq logs for a dequeued job
+            self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+        else:
+            self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+        self._claimed = (job.id, queue.name)
         return job, queue
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        """Open the blocking wait's connection before the worker says it is ready, not at its first wait."""
+        self._blocking_client()
+        super().bootstrap(*args, **kwargs)
+
+    def _blocking_client(self) -> redis.Redis:
+        """The client the blocking wait for a job uses: one connection of the worker's pool, whose id
+        `wake` can unblock; asked once per connection (Redis gives a reconnected client a new id)."""
+        if self._blocker is None:
+            pool = self.connection.connection_pool
+            self._blocker = redis.Redis(connection_pool=pool, single_connection_client=True)
+        if self._blocker_id is None:
+            self._blocker_id = int(self._blocker.client_id())
+        return self._blocker
+
+    def wake(self) -> None:
+        """End the blocking wait for a job now (from rq's pubsub thread, on `rq shutdown`): rq's worker
+        stops at once then, and so must ours, not at the end of a wait of up to CLAIM_POLL_SECONDS."""
+        blocked = self._blocker_id
+        if blocked is not None:
+            self.connection.client_unblock(blocked)
+
+    def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
+        """rq's prepare_execution sets the worker BUSY in the transaction that records the execution:
+        the claimed job leaves its claim list in the same transaction (from then on the execution names
+        it), with the heartbeat rq's dequeue sends once it has a job."""
+        claimed = self._claimed
+        if pipeline is not None and state == WorkerStatus.BUSY and claimed is not None:
+            self._claimed = None
+            job_id, queue_name = claimed
+            pipeline.lrem(claims.claim_key(self.name, queue_name), 1, job_id)
+            self.heartbeat(pipeline=pipeline)
+        super().set_state(state, pipeline)
+
+    def _close_blocker(self) -> None:
+        if self._blocker is not None:
+            self._blocker.close()
+            self._blocker = self._blocker_id = None
 
     def _load(self, job_id: str, fields: list[bytes] | None) -> Job:
         """The claimed job: from the fields the claim brought, or (after BLMOVE) Job.fetch."""
