@@ -28,4 +28,14 @@ if [ "${RESQUE_STARTER_SKIP_DOCKER:-}" != 1 ] && [ -x docker/ci-setup.sh ] && [ 
 fi
 
 .venv/bin/ruff check .
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest -q "$@"
+# rq's own tests against our three worker classes, in parallel (tests/rq_suite/run.sh): here its worker,
+# job, registry and command tests (about 2 minutes on 2 cores); RESQUE_STARTER_RQ_SUITE=full runs all of
+# them (the GitHub workflow does), =skip none.
+case "${RESQUE_STARTER_RQ_SUITE:-quick}" in
+  quick) PYTHON=.venv/bin/python tests/rq_suite/run.sh --quick ;;
+  full) PYTHON=.venv/bin/python tests/rq_suite/run.sh ;;
+  skip) ;;
+  *) echo "RESQUE_STARTER_RQ_SUITE=${RESQUE_STARTER_RQ_SUITE} is not allowed: quick, full or skip" >&2; exit 2 ;;
+esac

@@ -522,7 +522,8 @@ def load(flags: Mapping[str, object], environ: Mapping[str, str]) -> Settings:
     environment variable counts as unset, as a compose `${VAR}` of an unset variable yields one.
     """
     config = _pick(_BY_FIELD["config"], flags, environ, {}, "")
-    path, file_values, hooks = None, {}, Hooks()
+    file_values: dict[str, object] = {}
+    path, hooks = None, Hooks()
     if config is not None:
         path = _parse(_BY_FIELD["config"], config)
         file_values, hooks = _read_config_file(path, config.label)

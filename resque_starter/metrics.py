@@ -196,9 +196,9 @@ class _Collector:
             "resque_starter_worker_pss_bytes", "Proportional memory of each worker.", labels=labels
         )
         for w in workers:
-            key = [w["group"], str(w["slot"]), str(w["generation"]), str(w["pid"])]
+            values = [w["group"], str(w["slot"]), str(w["generation"]), str(w["pid"])]
             if w["uss"] is not None:
-                uss.add_metric(key, w["uss"])
-                pss.add_metric(key, w["pss"])
+                uss.add_metric(values, w["uss"])
+                pss.add_metric(values, w["pss"])
         yield uss
         yield pss

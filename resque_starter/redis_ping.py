@@ -7,7 +7,7 @@ needs to know whether Redis answers, and every megabyte it stays smaller is save
 from __future__ import annotations
 
 import socket
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 
 def ping(url: str, timeout: float) -> bool:
@@ -27,7 +27,7 @@ def ping(url: str, timeout: float) -> bool:
     return replies[-1] == b"+PONG" and all(r.startswith(b"+") for r in replies)
 
 
-def _connect(scheme: str, parts, query: dict[str, list[str]], timeout: float) -> socket.socket:  # type: ignore[no-untyped-def]
+def _connect(scheme: str, parts: SplitResult, query: dict[str, list[str]], timeout: float) -> socket.socket:
     if scheme == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)

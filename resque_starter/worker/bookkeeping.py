@@ -31,6 +31,7 @@ class ReportingMixin(WorkerBase):
     _counters: list[bytes | None] | None  # read with the end of the last job
     _heartbeat_sent: bool  # with the end of the last job, for rq's loop, which sends one next
     _suspended: bool | None  # read with the end of the last job, for rq's loop's next check
+    _requeued: int  # jobs this worker put back in their queue (quick stop)
 
     def procline(self, message: str) -> None:
         """rq calls this at every step; show resque-starter's title instead of rq's message."""

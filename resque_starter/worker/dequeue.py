@@ -21,7 +21,7 @@ from rq.utils import as_text, now
 from rq.worker import WorkerStatus
 
 from resque_starter import claims
-from resque_starter.rq_compat import WorkerBase
+from resque_starter.worker.bookkeeping import ReportingMixin
 from resque_starter.worker.controls import Context, Controls
 
 # How long one blocking wait for a job lasts. It bounds how late a pause or stop takes effect
@@ -40,8 +40,8 @@ def private_memory() -> int:
     return total
 
 
-class ClaimingMixin(WorkerBase):
-    """rq's dequeue, with claims, pause and recycling; titles and events come from ReportingMixin."""
+class ClaimingMixin(ReportingMixin):
+    """rq's dequeue, with claims, pause and recycling (over ReportingMixin: titles, events, round trips)."""
 
     _context: Context
     _controls: Controls
@@ -98,11 +98,14 @@ class ClaimingMixin(WorkerBase):
         names = [queue.name for queue in ordered]
         assert self._claim_first is not None
         prefix = self.job_class.redis_job_namespace_prefix
-        found = claims.claim_first(self._claim_first, self.name, ordered, prefix)
+        found: tuple[str, str, list[bytes] | None] | None = claims.claim_first(
+            self._claim_first, self.name, ordered, prefix
+        )
         if found is None and block:
             first = claims.claim_key(self.name, names[0])
             blocker = self._blocking_client()
-            job_id = blocker.blmove(ordered[0].key, first, CLAIM_POLL_SECONDS, "LEFT", "RIGHT")
+            # Redis takes a fraction of a second as a timeout; redis-py's type says int
+            job_id = blocker.blmove(ordered[0].key, first, CLAIM_POLL_SECONDS, "LEFT", "RIGHT")  # type: ignore[arg-type]
             found = (names[0], as_text(job_id), None) if job_id is not None else None
         if found is None:
             return None

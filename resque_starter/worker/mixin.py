@@ -22,7 +22,6 @@ from rq.queue import Queue
 from rq.worker import Worker as ForkingWorker
 
 from resque_starter import claims, recovery, rq_compat
-from resque_starter.worker.bookkeeping import ReportingMixin
 from resque_starter.worker.controls import (
     KILL_JOB,
     KILL_JOB_REASON,
@@ -38,7 +37,7 @@ from resque_starter.worker.dequeue import ClaimingMixin
 LEFTOVER_REASON = "resque-starter: the worker stopped with this job unfinished"
 
 
-class StarterMixin(ClaimingMixin, ReportingMixin):
+class StarterMixin(ClaimingMixin):
     """resque-starter's behaviour over any rq worker class (`type('StarterWorker', (StarterMixin, cls), {})`).
 
     Relies on these rq 3.0 BaseWorker hooks: dequeue_job_and_maintain_ttl, execute_job,
@@ -173,7 +172,7 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         gc.freeze()
         if self._context.status is None:
             self._context.release()
-        super().main_work_horse(job, queue)  # type: ignore[misc]
+        super().main_work_horse(job, queue)
 
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
         if not self._in_process:  # nothing to monitor when the job ran in fork_work_horse
