@@ -45,3 +45,9 @@ def realistic(seconds: float = 1.0) -> int:
 def stamp() -> float:
     """When the job function started, for enqueue-to-start latency."""
     return time.time()
+
+
+def stamp_after(seconds: float) -> float:
+    """Holds a worker for `seconds`, then says when it let go of it (for busy-to-free latency)."""
+    time.sleep(seconds)
+    return time.time()

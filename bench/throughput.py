@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import common
+import idle
 from common import RedisServer, System
 from rq import Queue
 
@@ -211,8 +212,18 @@ def main() -> None:
         quits = {s.label: quit_ms(s, plan.quit_samples) for s in [*stopping, common.rq_workers(N, server)]}
         print(f"[overhead] {plan.cpu_seconds:g} s idle, {plan.cpu_seconds:g} s busy ...", flush=True)
         cpu = overhead(server, plan.cpu_seconds)
+        idle_rows = idle.measure(server, plan.latency_samples, plan.quit_samples)
     machine = f"Machine: {before} (before) / {common.machine().rsplit('; ', 1)[1]} (after)"
-    report(machine, speeds, ttin, cold, quits, cpu, plan)
+    report(
+        machine,
+        speeds,
+        ttin,
+        cold,
+        quits,
+        cpu,
+        plan,
+        idle.table(idle_rows, plan.latency_samples, plan.quit_samples),
+    )
     labels = list(speeds)
     chart = common.bar_chart(
         "throughput",
@@ -233,6 +244,7 @@ def report(
     quits: dict[str, list[float]],
     cpu: dict[str, float],
     plan: Plan,
+    idle_table: str,
 ) -> None:
     labels = list(speeds)
     rs, prefork, pool = labels[0], labels[2], labels[3]
@@ -277,6 +289,8 @@ def report(
     lines += [
         "Targets (issue 8)",
         common.table(["target", "measured", "limit", "result"], _verdicts(targets)),
+        "",
+        idle_table,
     ]
     common.report("throughput", "\n".join(lines))
 

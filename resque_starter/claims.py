@@ -71,9 +71,12 @@ def claim_first(
 
 def release_claims(connection: redis.Redis, worker_name: str, queues: Iterable[Queue]) -> int:
     """Put every job id claimed by `worker_name` back at the front of its queue; return how many."""
-    keys: list[str] = []
-    for queue in queues:
-        keys += [claim_key(worker_name, queue.name), queue.key]
+    return release(connection, [(claim_key(worker_name, queue.name), queue.key) for queue in queues])
+
+
+def release(connection: redis.Redis, pairs: Sequence[tuple[str, str]]) -> int:
+    """Move every id of each (claim list, queue key) pair back to the front of the queue, in order."""
+    keys = [key for pair in pairs for key in pair]
     if not keys:
         return 0
     return int(connection.register_script(_RELEASE_CLAIMS)(keys=keys))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from resque_starter import config, control, logs, procmem
+from resque_starter import config, control, loader, logs, procmem
 from resque_starter.config import EXIT_CONFIG, ConfigError
+
+log = logging.getLogger("resque_starter.config")
 
 SUBCOMMANDS = ("run", "demo", "ctl")
 DEMO_APP = "resque_starter.demo.tasks"
@@ -49,18 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="the JSON document")
     s = ctl_sub.add_parser("scale", help="set the worker count: N, +N or -N (of GROUP, default the first)")
     s.add_argument("target", nargs="+", metavar="[GROUP] N")
-    ctl_sub.add_parser("pause", help="workers take no new job (USR2)")
-    ctl_sub.add_parser("resume", help="workers take jobs again (CONT)")
+    group = "GROUP: one worker group, named as in ctl status (default: every group)"
+    for name, text in (
+        ("pause", "workers take no new job (USR2)"),
+        ("resume", "workers take jobs again (CONT)"),
+        ("drain", "for a preStop hook: pause, then wait until no job runs"),
+    ):
+        s = ctl_sub.add_parser(name, help=text, description=f"{text}. {group}")
+        s.add_argument("group", nargs="?", metavar="GROUP")
+    s.add_argument("--timeout", type=float, default=25.0, help="seconds to wait (exit 1 after)")
     ctl_sub.add_parser("reload", help="graceful reload: a new generation (HUP)")
     ctl_sub.add_parser("kill-jobs", help="kill every running job; workers go on (USR1)")
+    s = ctl_sub.add_parser("kill", help="kill one running job, as kill-jobs does; its worker goes on")
+    s.add_argument("job", metavar="JOB_ID")
     s = ctl_sub.add_parser("stop", help="graceful stop (QUIT), or --quick (INT)")
     s.add_argument("--quick", action="store_true")
-    s = ctl_sub.add_parser("drain", help="for a preStop hook: pause, then wait until no job runs")
-    s.add_argument("--timeout", type=float, default=25.0)
-    s = ctl_sub.add_parser("health", help="exit status for exec probes")
-    check = s.add_mutually_exclusive_group(required=True)
-    check.add_argument("--live", action="store_const", const="live", dest="check")
-    check.add_argument("--ready", action="store_const", const="ready", dest="check")
+    text = "exit status for exec probes: --live (the default) or --ready"
+    s = ctl_sub.add_parser("health", help=text, description=text)
+    check = s.add_mutually_exclusive_group()
+    live = "the loop answers and a mold serves (the default)"
+    check.add_argument("--live", action="store_const", const="live", dest="check", help=live)
+    ready = "also not stopping, a worker registered, Redis answering"
+    check.add_argument("--ready", action="store_const", const="ready", dest="check", help=ready)
+    s.set_defaults(check="live")
     return parser
 
 
@@ -72,11 +86,13 @@ def run(args: argparse.Namespace, demo: bool) -> int:
     if demo and not flags.get("app") and "RESQUE_STARTER_APP" not in environ:
         flags["app"] = DEMO_APP
     try:
-        settings = config.load(flags, environ)
+        settings = loader.load(flags, environ)
     except ConfigError as exc:
         print(f"resque-starter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(settings.log_level, settings.log_format)
+    for line in loader.warnings(environ, settings):
+        log.warning("%s", line)
     if demo:
         from resque_starter.demo import producer
 
@@ -89,32 +105,40 @@ def ctl(args: argparse.Namespace) -> int:
     command = args.ctl_command
     try:
         if command == "status":
-            status = control.request(run_dir, {"cmd": "status"})["status"]
+            status = control.command(run_dir, {"cmd": "status"})["status"]
             print(json.dumps(status, indent=2) if args.json else control.format_status(status))
             return 0
         if command == "mem":
-            mem = control.request(run_dir, {"cmd": "mem"})["mem"]
+            mem = control.command(run_dir, {"cmd": "mem"})["mem"]
             print(json.dumps(mem, indent=2) if args.json else procmem.format_report(mem))
             return 0
         if command == "drain":
-            return 0 if control.drain(run_dir, args.timeout, print) else 1
+            return 0 if control.drain(run_dir, args.timeout, print, args.group) else 1
         if command == "health":
             reply = control.request(run_dir, {"cmd": "health", "check": args.check}, timeout=2.0)
             print(json.dumps({k: v for k, v in reply.items() if k != "ok"}))
             return 0 if reply.get("ok") else 1
-        message: dict[str, object] = {"cmd": command}
-        if command == "scale":
-            *group, n = args.target
-            message.update(n=n, group=group[0] if group else None)
-        elif command == "stop":
-            message["quick"] = args.quick
-        reply = control.request(run_dir, message)
+        message = _message(args)
+        print(control.describe(message, control.command(run_dir, message)))
+        return 0
+    except control.Refused as exc:
+        print(f"resque-starter ctl {command}: {exc}", file=sys.stderr)
+        return 1
     except control.ControlError as exc:
         print(f"resque-starter ctl: {exc}", file=sys.stderr)
         return 1
-    if not reply.get("ok"):
-        print(f"resque-starter ctl {command}: {reply.get('error')}", file=sys.stderr)
-        return 1
-    if command == "scale":
-        print(f"group {reply['group']}: {reply['size']} worker(s)")
-    return 0
+
+
+def _message(args: argparse.Namespace) -> dict[str, object]:
+    """The request of a ctl command that changes the supervisor's desired state."""
+    message: dict[str, object] = {"cmd": args.ctl_command}
+    if args.ctl_command == "scale":
+        *group, n = args.target
+        message.update(n=n, group=group[0] if group else None)
+    elif args.ctl_command in ("pause", "resume"):
+        message["group"] = args.group
+    elif args.ctl_command == "stop":
+        message["quick"] = args.quick
+    elif args.ctl_command == "kill":
+        message["job"] = args.job
+    return message

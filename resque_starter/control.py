@@ -1,193 +1,38 @@
-"""The control socket: how `resque-starter ctl` reaches the supervisor, whoever is PID 1.
+"""The control socket's client side: `resque-starter ctl`'s requests, its `drain`, and the text it prints.
 
-A Unix stream socket in RUN_DIR, mode 0600. One JSON request line, one JSON reply line, then the
-server closes. The server side runs inside the supervisor's event loop (non-blocking, bounded), and a
-command only changes desired state, exactly like the matching signal.
+It talks to control_server.py in the supervisor: one JSON request line, one JSON reply line, which may
+be long (`status` of hundreds of workers), so it reads up to the server's largest reply.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import logging
 import os
 import pwd
-import selectors
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from resque_starter import config, procmem, protocol
-from resque_starter.config import ConfigError
-from resque_starter.listener import Listener
-
-if TYPE_CHECKING:
-    from resque_starter.supervisor import Supervisor
-
-log = logging.getLogger("resque_starter.control")
-
-SOCKET_NAME = "control.sock"
-MAX_SCALE = config.MAX_GROUP_SIZE
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def socket_path(run_dir: str) -> str:
-    return os.path.join(run_dir, SOCKET_NAME)
-
-
-class ControlServer(Listener[protocol.LineBuffer]):
-    def __init__(self, run_dir: str, selector: selectors.BaseSelector, handler: Handler) -> None:
-        super().__init__(selector)
-        self.path = socket_path(run_dir)
-        self._handler = handler
-        _remove_stale(self.path, run_dir)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            self.sock.bind(self.path)
-        except OSError as exc:
-            allowed = f"a writable directory ({exc.strerror})"
-            raise ConfigError("RESQUE_STARTER_RUN_DIR", run_dir, allowed) from None
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
-        self.listen()
-
-    def new_client(self) -> protocol.LineBuffer:
-        return protocol.LineBuffer()
-
-    def read(self, conn: socket.socket) -> None:
-        try:
-            data = conn.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        buffer = self._clients[conn]
-        if not data:
-            if buffer.partial:  # the client half-closed in the middle of its request line
-                self._reply(conn, {"ok": False, "error": "bad request: end of stream before a newline"})
-            else:
-                self.drop(conn)
-            return
-        end = data.find(b"\n")  # one request per connection: what follows its line is never parsed
-        messages = buffer.feed(data if end < 0 else data[: end + 1])
-        if not messages:
-            return
-        request = messages[0]
-        if "error" in request and "cmd" not in request:
-            reply = {"ok": False, "error": f"bad request: {request['error']}"}
-        else:
-            try:
-                reply = self._handler(request)
-            except Exception as exc:  # a bad request must never take the supervisor down
-                log.exception("control request %r failed", request)
-                reply = {"ok": False, "error": f"internal error: {exc}"}
-        self._reply(conn, reply)
-
-    def _reply(self, conn: socket.socket, reply: dict[str, Any]) -> None:
-        conn.settimeout(1.0)
-        with contextlib.suppress(OSError):
-            conn.sendall(protocol.encode(reply))
-        conn.setblocking(False)
-        self.linger(conn)
-
-    def close(self) -> None:
-        super().close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
-def _remove_stale(path: str, run_dir: str) -> None:
-    """A socket nobody answers on is a dead supervisor's: replace it; a live one is an error."""
-    if not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    allowed = f"a run dir no other running supervisor uses ({path} answers)"
-    raise ConfigError("RESQUE_STARTER_RUN_DIR", run_dir, allowed)
-
-
-# --------------------------------------------------------------------------- server-side commands
-
-
-def dispatch(sup: Supervisor, request: dict[str, Any]) -> dict[str, Any]:
-    cmd = request.get("cmd")
-    if cmd == "status":
-        return {"ok": True, "status": sup.status()}
-    if cmd == "mem":
-        return {"ok": True, "mem": procmem.report(sup.status())}
-    if cmd == "health":
-        return health(sup, request.get("check", "live"))
-    if cmd == "scale":
-        return scale(sup, request.get("n"), request.get("group"))
-    if cmd in ("pause", "drain"):
-        sup.pause(True, drain=cmd == "drain")
-    elif cmd == "resume":
-        sup.pause(False)
-    elif cmd == "reload":
-        sup.request_reload()
-        if sup.reload_error:
-            return {"ok": False, "error": sup.reload_error}
-    elif cmd == "stop":
-        sup.request_stop(1 if request.get("quick") else 0)
-    elif cmd == "kill-jobs":
-        sup.kill_jobs()
-    else:
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
-    return {"ok": True}
-
-
-def scale(sup: Supervisor, n: object, group: object) -> dict[str, Any]:
-    names = [g.name for g in sup.settings.groups]
-    if group is None:
-        index = 0
-    elif isinstance(group, str) and group in names:
-        index = names.index(group)
-    else:
-        return {"ok": False, "error": f"unknown group {group!r}; groups: {'; '.join(names)}"}
-    text = str(n).strip()
-    try:
-        value = int(text)
-    except ValueError:
-        return {"ok": False, "error": f"scale takes N, +N or -N, not {n!r}"}
-    size = sup.sizes[index] + value if text[:1] in "+-" else value
-    if size < 0:
-        return {"ok": False, "error": f"scale {text} would make {size} workers; the least is 0"}
-    if size > MAX_SCALE:
-        return {"ok": False, "error": f"scale {text} would make {size} workers; the most is {MAX_SCALE}"}
-    if sup.stop_level is not None:
-        return {"ok": False, "error": "the supervisor is stopping"}
-    sup.scale(index, size)
-    return {"ok": True, "group": names[index], "size": size}
-
-
-def health(sup: Supervisor, check: object) -> dict[str, Any]:
-    """live: the loop answers and a mold serves; ready: also not stopping, a worker registered with rq
-    and Redis answering. A paused (or draining) supervisor stays ready: it is healthy, just idle."""
-    live = any(m.ready for m in sup.molds.values()) or sup.serving_generation > 0
-    if check == "live":
-        return {"ok": live, "live": live}
-    if check != "ready":
-        return {"ok": False, "error": f"health checks are 'live' and 'ready', not {check!r}"}
-    ready_workers = sum(1 for w in sup.workers.values() if w.ready and w.stop_level is None)
-    redis_ok = sup.redis_answers()
-    ok = live and ready_workers > 0 and redis_ok and sup.stop_level is None
-    return {"ok": ok, "live": live, "ready_workers": ready_workers, "redis": redis_ok}
-
-
-# --------------------------------------------------------------------------- client side
+from resque_starter import protocol
+from resque_starter.control_server import MAX_REPLY, socket_path
+from resque_starter.states import WorkerState
 
 
 class ControlError(Exception):
     """Why ctl could not talk to the supervisor, in words a person can act on."""
+
+
+class Refused(ControlError):
+    """The supervisor answered, and refused the command: the message is its reason."""
+
+
+def command(run_dir: str, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """`request`, and its reply when the supervisor carried the command out; Refused otherwise."""
+    reply = request(run_dir, message, timeout)
+    if not reply.get("ok"):
+        raise Refused(str(reply.get("error")))
+    return reply
 
 
 def request(run_dir: str, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -197,7 +42,7 @@ def request(run_dir: str, message: dict[str, Any], timeout: float = 10.0) -> dic
     try:
         _connect(sock, path, time.monotonic() + timeout)
         protocol.send(sock, message)
-        reply = protocol.LineBuffer().recv(sock)
+        reply = protocol.LineBuffer(MAX_REPLY).recv(sock)
     except FileNotFoundError:
         raise ControlError(
             f"no supervisor is running here: no control socket at {path} (RESQUE_STARTER_RUN_DIR={run_dir})"
@@ -308,18 +153,20 @@ def _size(value: int | None) -> str:
     return f"{value / 2**20:.1f}M"
 
 
-def drain(run_dir: str, timeout: float, out: Callable[[str], None]) -> bool:
-    """Stop intake, then block until every worker has paused with no job, or the timeout passes.
+def drain(run_dir: str, timeout: float, out: Callable[[str], None], group: str | None = None) -> bool:
+    """Stop intake (of every group, or of GROUP), then block until each of those workers has paused
+    with no job, or the timeout passes.
 
     A worker counts only once it has acknowledged the pause: one still "idle" may have just taken a
     job it has not reported yet. True when drained.
     """
-    request(run_dir, {"cmd": "drain"})
+    command(run_dir, {"cmd": "drain", "group": group})
     deadline = time.monotonic() + timeout
     reported: set[str] = set()
+    settled = (WorkerState.PAUSED, WorkerState.STOPPING)
     while True:
-        workers = request(run_dir, {"cmd": "status"})["status"]["workers"]
-        waiting = [w for w in workers if w["state"] not in ("paused", "stopping")]
+        workers = command(run_dir, {"cmd": "status"})["status"]["workers"]
+        waiting = [w for w in workers if w["state"] not in settled and group in (None, w["group"])]
         if not waiting:
             out("drained: no job is running")
             return True
@@ -327,15 +174,34 @@ def drain(run_dir: str, timeout: float, out: Callable[[str], None]) -> bool:
             who = f"worker[{w['slot']}] pid {w['pid']}"
             line = (
                 f"waiting for job {w['job_id']} ({w['job_func']}) on {who}"
-                if w["state"] == "busy"
+                if w["state"] == WorkerState.BUSY
                 else f"waiting for {who} to pause"
             )
             if line not in reported:
                 reported.add(line)
                 out(line)
         if time.monotonic() >= deadline:
-            busy = sum(1 for w in waiting if w["state"] == "busy")
+            busy = sum(1 for w in waiting if w["state"] == WorkerState.BUSY)
             unpaused = len(waiting) - busy
             out(f"timed out after {timeout:g}s: {busy} job(s) running, {unpaused} worker(s) not paused")
             return False
         time.sleep(0.1)
+
+
+# The one line `ctl` prints for each command that changes something, filled from its reply.
+DONE = {
+    "scale": "group {group}: {size} worker(s)",
+    "pause": "paused {which}: its workers take no new job until ctl resume",
+    "resume": "resumed {which}: its workers take jobs again",
+    "reload": "reloading: generation {generation} starts; the serving one serves until it is ready",
+    "stop": "stopping ({stopping}): ctl status shows the workers left",
+    "kill-jobs": "kill-jobs: told {workers} worker(s) to kill their running job",
+    "kill": "killing job {job} ({worker[job_func]}) on worker {worker[group]}:{worker[slot]} "
+    "pid {worker[pid]}",
+}
+
+
+def describe(message: dict[str, Any], reply: dict[str, Any]) -> str:
+    """What the supervisor did, in the words of DONE; `which` names the group a request gave, if any."""
+    group = message.get("group")
+    return DONE[message["cmd"]].format(which=f"group {group}" if group else "every group", **reply)

@@ -4,6 +4,9 @@ It runs inside the supervisor's selector loop, not in a thread: the supervisor f
 thread holding a lock at fork time can deadlock the child. Every socket is non-blocking, a request
 is bounded, and few connections are held (listener.Listener), so no client can stall the loop
 or use up its file descriptors. prometheus-client is the optional extra `metrics`.
+
+It knows the supervisor only through the command dispatcher: /healthz and /readyz are the `health`
+command, a scrape reads the `status` document, exactly as `ctl` does.
 """
 
 from __future__ import annotations
@@ -15,19 +18,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from resque_starter import control
+from resque_starter.commands import Dispatch
 from resque_starter.config import ConfigError
 from resque_starter.listener import Listener
+from resque_starter.states import WorkerState
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from resque_starter.supervisor import Supervisor
-
 BIND_ADDRESS = "0.0.0.0"  # for a pod's kubelet and Prometheus, which do not come from localhost
 MAX_REQUEST = 8192
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest() writes
-WORKER_STATES = ("starting", "idle", "busy", "paused", "stopping")
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -40,20 +41,19 @@ REASONS = {
 @dataclass
 class _Client:
     request: bytes = b""
-    reply: bytes = b""
 
 
 class MetricsServer(Listener[_Client]):
-    def __init__(self, port: int, selector: selectors.BaseSelector, sup: Supervisor) -> None:
+    def __init__(self, port: int, selector: selectors.BaseSelector, dispatch: Dispatch) -> None:
         try:
             from prometheus_client import CollectorRegistry
         except ImportError:
             allowed = "set only with prometheus-client installed: pip install 'resque-starter[metrics]'"
             raise ConfigError("RESQUE_STARTER_METRICS_PORT", port, allowed) from None
         super().__init__(selector)
-        self._sup = sup
+        self._dispatch = dispatch
         self._registry = CollectorRegistry()
-        self._registry.register(_Collector(sup))
+        self._registry.register(_Collector(dispatch))
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -79,25 +79,9 @@ class MetricsServer(Listener[_Client]):
             return
         client.request += data
         if b"\r\n\r\n" in client.request or b"\n\n" in client.request:
-            client.reply = self._respond(client.request)
+            self.reply(conn, self._respond(client.request))
         elif len(client.request) > MAX_REQUEST:
-            client.reply = _reply(400, _error("request too long"))
-        else:
-            return
-        self._selector.modify(conn, selectors.EVENT_WRITE, self._write)
-        self._write(conn)
-
-    def _write(self, conn: socket.socket) -> None:
-        client = self._clients[conn]
-        try:
-            sent = conn.send(client.reply)
-        except BlockingIOError:
-            return
-        except OSError:
-            sent = len(client.reply)
-        client.reply = client.reply[sent:]
-        if not client.reply:
-            self.linger(conn)
+            self.reply(conn, _reply(400, _error("request too long")))
 
     def _respond(self, request: bytes) -> bytes:
         """One whole HTTP response (status line, headers, body) for one request."""
@@ -111,7 +95,7 @@ class MetricsServer(Listener[_Client]):
 
     def _route(self, path: bytes) -> tuple[int, tuple[str, bytes]]:
         if path in (b"/healthz", b"/readyz"):
-            result = control.health(self._sup, "live" if path == b"/healthz" else "ready")
+            result = self._dispatch({"cmd": "health", "check": "live" if path == b"/healthz" else "ready"})
             return (200 if result["ok"] else 503), _json(result)
         if path == b"/metrics":
             from prometheus_client import generate_latest
@@ -138,19 +122,19 @@ def _reply(status: int, content: tuple[str, bytes], head: bool = False) -> bytes
 
 
 class _Collector:
-    """Reads the supervisor's state at scrape time; nothing is kept between scrapes."""
+    """Reads the supervisor's status document at scrape time; nothing is kept between scrapes."""
 
-    def __init__(self, sup: Supervisor) -> None:
-        self._sup = sup
+    def __init__(self, dispatch: Dispatch) -> None:
+        self._dispatch = dispatch
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
-        status = self._sup.status()
+        status = self._dispatch({"cmd": "status"})["status"]
         workers = status["workers"]
         by_state = GaugeMetricFamily("resque_starter_workers", "Worker processes by state.", labels=["state"])
-        for state in WORKER_STATES:
-            by_state.add_metric([state], sum(1 for w in workers if w["state"] == state))
+        for state in WorkerState:
+            by_state.add_metric([state.value], sum(1 for w in workers if w["state"] == state))
         yield by_state
         slots = GaugeMetricFamily(
             "resque_starter_worker_slots", "Desired worker count of each group.", labels=["group"]
@@ -196,9 +180,9 @@ class _Collector:
             "resque_starter_worker_pss_bytes", "Proportional memory of each worker.", labels=labels
         )
         for w in workers:
-            values = [w["group"], str(w["slot"]), str(w["generation"]), str(w["pid"])]
+            row = [w["group"], str(w["slot"]), str(w["generation"]), str(w["pid"])]
             if w["uss"] is not None:
-                uss.add_metric(values, w["uss"])
-                pss.add_metric(values, w["pss"])
+                uss.add_metric(row, w["uss"])
+                pss.add_metric(row, w["pss"])
         yield uss
         yield pss

@@ -25,8 +25,15 @@ from typing import NoReturn
 
 from setproctitle import setproctitle
 
-from resque_starter import hugepages, logs, orphans, procmem, protocol
-from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG, Settings, check_classes, mask_url
+from resque_starter import hugepages, loader, logs, orphans, procmem, protocol
+from resque_starter.config import (
+    EXIT_APP_IMPORT,
+    EXIT_CONFIG,
+    ConfigError,
+    Settings,
+    check_classes,
+    mask_url,
+)
 from resque_starter.protocol import WorkerSpec
 
 log = logging.getLogger("resque_starter.mold")
@@ -61,7 +68,9 @@ def run_mold(settings: Settings, generation: int, sock: socket.socket, promoted:
             signal.signal(sig, signal.SIG_DFL)
         if not promoted:
             hugepages.gather_heap()  # so that the app's memory can be collapsed into huge pages
-        error = None if promoted else _preload(settings)
+        error = None
+        if not promoted:
+            settings, error = _preload(settings)
         if error is None and not promoted:
             _warm_worker_path(settings)
         if error is not None:
@@ -83,8 +92,23 @@ def run_mold(settings: Settings, generation: int, sock: socket.socket, promoted:
         os._exit(code)
 
 
-def _preload(settings: Settings) -> tuple[int, str] | None:
-    """Import the app and the configured classes, run the mold's hooks; (exit code, one line) on failure."""
+def _preload(settings: Settings) -> tuple[Settings, tuple[int, str] | None]:
+    """Put the import path in place, read the config file's hooks, import the app and the configured
+    classes, run the mold's hooks. The settings with the hooks as functions (the workers inherit them),
+    and (exit code, one line) on failure."""
+    # PATH first, like gunicorn's --pythonpath; the working directory last, like `rq worker` (so that a
+    # file of the working directory cannot shadow an installed module)
+    sys.path[:0] = [entry for entry in settings.path if entry not in sys.path]
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        settings = loader.with_hooks(settings)
+    except ConfigError as exc:
+        return settings, (EXIT_CONFIG, str(exc))
+    return settings, _import_app(settings)
+
+
+def _import_app(settings: Settings) -> tuple[int, str] | None:
     for module in settings.app:
         try:
             imported = importlib.import_module(module)
@@ -235,13 +259,14 @@ def _recovery_main(settings: Settings, request: dict[str, object], supervisor: i
     gives up by itself once the supervisor, its parent after the double fork, is gone."""
     import redis
 
+    from resque_starter.connection import connect
     from resque_starter.recovery import recover_worker
     from resque_starter.worker import DRIVER_INFO, REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX
 
     logs.set_role("recovery")
     setproctitle(f"resque-starter: recovery {request['worker']}")
     assert settings.redis_url is not None
-    connection = redis.Redis.from_url(settings.redis_url, socket_timeout=30, driver_info=DRIVER_INFO)
+    connection = connect(settings.redis_url, socket_timeout=30, driver_info=DRIVER_INFO)
     wait = REDIS_BACKOFF_FIRST
     while True:
         try:

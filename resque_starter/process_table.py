@@ -17,6 +17,7 @@ from typing import Any
 from resque_starter import procmem
 from resque_starter.config import Settings
 from resque_starter.protocol import LineBuffer, WorkerSpec
+from resque_starter.states import StopLevel, WorkerState
 
 
 @dataclass
@@ -41,18 +42,23 @@ class Worker:
     pid: int | None = None
     started_at: float = field(default_factory=time.monotonic)
     buffer: LineBuffer = field(default_factory=LineBuffer)
-    state: str = "starting"
+    state: WorkerState = WorkerState.STARTING
     ready: bool = False
     job: dict[str, Any] | None = None
     done: int = 0
     failed: int = 0
     requeued: int = 0
-    stop_level: int | None = None
+    stop_level: StopLevel | None = None
     stop_reason: str = ""
     paused: bool = False
     listening: bool = True
     promotable: bool = False  # it ran REFORK_AFTER jobs
     promoting: int | None = None  # asked to become the mold of this generation
+
+    @property
+    def group(self) -> str:
+        """The name of its group as spawned (a reload may renumber the groups)."""
+        return ",".join(self.queues)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -63,13 +69,13 @@ class Worker:
         return self.stop_level is not None
 
     @property
-    def shown_state(self) -> str:
+    def shown_state(self) -> WorkerState:
         """What `ctl status` shows: a busy worker stays busy while it stops, so its job is visible."""
-        if self.state == "busy":
+        if self.state == WorkerState.BUSY:
             return self.state
         if self.promoting is not None:
-            return "promoting"
-        return "stopping" if self.stopping else self.state
+            return WorkerState.PROMOTING
+        return WorkerState.STOPPING if self.stopping else self.state
 
     def row(self) -> dict[str, Any]:
         """This worker's row of `ctl status`, with its memory read now."""
@@ -77,12 +83,12 @@ class Worker:
         job = self.job or {}
         started = job.get("started")
         return {
-            "group": ",".join(self.queues),  # as spawned: a reload may renumber the groups
+            "group": self.group,
             "slot": self.spec.slot,
             "pid": self.pid,
             "generation": self.spec.generation,
             "name": self.spec.name,
-            "state": self.shown_state,
+            "state": self.shown_state.value,
             "ready": self.ready,
             "job_id": job.get("job"),
             "job_func": job.get("func"),

@@ -44,19 +44,23 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
 
 
 class LineBuffer:
-    """Splits a byte stream into JSON messages; a line over MAX_LINE or not JSON becomes an error message."""
+    """Splits a byte stream into JSON messages; a line over max_line or not JSON becomes an error message."""
 
-    def __init__(self) -> None:
-        self._buf = b""
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._max_line = max_line
+        self._buf = bytearray()
         self._pending: deque[dict[str, Any]] = deque()
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add bytes; return (and consume) every message now complete."""
-        *lines, self._buf = (self._buf + data).split(b"\n")  # one split: linear in the input
-        self._pending.extend(parse(line) for line in lines)
-        if len(self._buf) > MAX_LINE:
-            self._buf = b""
-            self._pending.append({"error": f"message longer than {MAX_LINE} bytes"})
+        self._buf += data  # a bytearray grows in place: a long line read in chunks stays linear
+        if b"\n" in data:
+            *lines, tail = self._buf.split(b"\n")
+            self._buf = bytearray(tail)
+            self._pending.extend(parse(line) for line in lines)
+        if len(self._buf) > self._max_line:
+            self._buf = bytearray()
+            self._pending.append({"error": f"message longer than {self._max_line} bytes"})
         messages = list(self._pending)
         self._pending.clear()
         return messages
@@ -76,7 +80,7 @@ class LineBuffer:
         return self._pending.popleft()
 
 
-def parse(line: bytes) -> dict[str, Any]:
+def parse(line: bytes | bytearray) -> dict[str, Any]:
     try:
         message = json.loads(line)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply

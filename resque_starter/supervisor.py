@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from resque_starter import cgroups, config, control, procmem, protocol, redis_ping, rundir
+from resque_starter import cgroups, commands, config, loader, procmem, protocol, redis_ping, rundir
+from resque_starter.commands import Refused
 from resque_starter.config import (
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -34,8 +35,11 @@ from resque_starter.config import (
     ConfigError,
     Settings,
 )
+from resque_starter.control_server import ControlServer
+from resque_starter.listener import Listener
 from resque_starter.process_table import Mold, Recovery, Worker, describe_status
 from resque_starter.protocol import WorkerSpec
+from resque_starter.states import Intake, StopLevel, WorkerState
 
 if TYPE_CHECKING:  # imported where used: a supervisor without them does not hold them in memory
     from resque_starter.embedded_redis import EmbeddedRedis
@@ -48,11 +52,8 @@ MIN_UPTIME = 5.0  # a worker that dies sooner than this, uncommanded, counts as 
 CRASH_LIMIT = 5  # consecutive crashes of one slot before giving up (exit 4)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 10.0
 QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
-GRACEFUL, QUICK, KILL = 0, 1, 2
 # a worker's own job counters, sent in its "idle" events; Supervisor.jobs sums them over every worker
 JOB_COUNTERS = ("done", "failed", "requeued")
-STOP_NAMES = ("graceful", "quick", "kill")
-STOP_SIGNALS = {GRACEFUL: signal.SIGTERM, QUICK: signal.SIGINT, KILL: signal.SIGKILL}
 HANDLED = (
     signal.SIGTERM,
     signal.SIGQUIT,
@@ -76,9 +77,8 @@ class Supervisor:
         # desired state
         self.sizes = [g.size for g in settings.groups]
         self.generation = 1
-        self.paused = False
-        self.drain_requested = False
-        self.stop_level: int | None = None
+        self.intake = dict.fromkeys((g.name for g in settings.groups), Intake.OPEN)
+        self.stop_level: StopLevel | None = None
         self.stop_deadline: float | None = None
         # actual state
         self.molds: dict[int, Mold] = {}
@@ -99,7 +99,7 @@ class Supervisor:
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
         self._redis: EmbeddedRedis | None = None
-        self._control: control.ControlServer | None = None
+        self._control: ControlServer | None = None
         self._metrics: MetricsServer | None = None
         self._pid_file_written: str | None = None
         self._name_prefix = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(2).hex()}"
@@ -153,11 +153,11 @@ class Supervisor:
                 self._redis.url,
             )
             self.settings = dataclasses.replace(self.settings, redis_url=self._redis.url)
-        self._control = control.ControlServer(self.settings.run_dir, self._selector, self.handle_command)
+        self._control = ControlServer(self.settings.run_dir, self._selector, self.command)
         if self.settings.metrics_port is not None:
             from resque_starter.metrics import MetricsServer
 
-            self._metrics = MetricsServer(self.settings.metrics_port, self._selector, self)
+            self._metrics = MetricsServer(self.settings.metrics_port, self._selector, self.command)
         log.info(
             "supervisor pid %d: %d worker(s) on %s, app=%s, redis=%s",
             os.getpid(),
@@ -219,6 +219,11 @@ class Supervisor:
                 continue
             callback: Callable[[Any], None] = current.data
             callback(current.fileobj)
+        for server in self._listeners():
+            server.expire()
+
+    def _listeners(self) -> list[Listener[Any]]:
+        return [server for server in (self._control, self._metrics) if server is not None]
 
     def _next_timeout(self) -> float | None:
         """Sleep until the next deadline (backoff, drain, stop escalation); forever when idle."""
@@ -226,92 +231,111 @@ class Supervisor:
         deadlines = [until for _, until in self.backoff.values() if until > now]
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
+        deadlines += [due for server in self._listeners() if (due := server.next_deadline()) is not None]
         if self._signals:
             return 0
         return max(0.0, min(deadlines) - now) if deadlines else None
 
-    # ----------------------------------------------------------------- desired state: signals
+    # ----------------------------------------------------------------- desired state: commands
 
     def _handle_signals(self) -> None:
+        """Each signal is the command it stands for (commands.SIGNALS), validated alike."""
         while self._signals:
             signum = self._signals.pop(0)
-            if signum == signal.SIGCHLD:
+            request = commands.for_signal(signum, self.settings.term)
+            if request is None:  # SIGCHLD: only wakes the loop to reap
                 continue
             log.info("received %s", signal.Signals(signum).name)
-            if signum == signal.SIGTERM:
-                self.request_stop(GRACEFUL if self.settings.term == "graceful" else QUICK)
-            elif signum == signal.SIGQUIT:
-                self.request_stop(GRACEFUL)
-            elif signum == signal.SIGINT:
-                self.request_stop(QUICK)
-            elif signum == signal.SIGUSR1:
-                self.kill_jobs()
-            elif signum == signal.SIGUSR2:
-                self.pause(True)
-            elif signum == signal.SIGCONT:
-                self.pause(False)
-            elif signum == signal.SIGTTIN:
-                self.scale(0, self.sizes[0] + 1)
-            elif signum == signal.SIGTTOU:
-                self.scale(0, self.sizes[0] - 1)
-            elif signum == signal.SIGHUP:
-                self.request_reload()
+            self.command(request, via=signal.Signals(signum).name)
 
-    def request_stop(self, level: int) -> None:
+    def command(self, request: commands.Request, via: str = "ctl") -> commands.Reply:
+        """One request from a signal, `ctl` or the HTTP endpoint; changes desired state only. A refused
+        command that would change something is logged, whoever sent it."""
+        reply = commands.dispatch(self, request)
+        name = request.get("cmd")
+        if not reply["ok"] and isinstance(name, str) and name in commands.CHANGES:
+            log.warning("%s %s refused: %s", via, name, reply["error"])
+        return reply
+
+    def group_sizes(self) -> dict[str, int]:
+        return {g.name: self.sizes[i] for i, g in enumerate(self.settings.groups)}
+
+    def request_stop(self, level: StopLevel) -> StopLevel:
         """Graceful drain, quick stop, or kill; a repeated request escalates one level."""
         if self.stop_level is not None:
-            level = min(KILL, max(level, self.stop_level + 1))
-        if self.stop_level is not None and level <= self.stop_level:
-            return
-        if level > GRACEFUL and any(w.state == "busy" for w in self.workers.values()):
+            level = max(level, self.stop_level.escalated())
+            if level <= self.stop_level:
+                return self.stop_level
+        if level > StopLevel.GRACEFUL and any(w.state == WorkerState.BUSY for w in self.workers.values()):
             self.interrupted = True
         self.stop_level = level
-        timeout = self.settings.drain_timeout if level == GRACEFUL else QUICK_GRACE
+        timeout = self.settings.drain_timeout if level == StopLevel.GRACEFUL else QUICK_GRACE
         self.stop_deadline = time.monotonic() + timeout
-        log.info("stopping: %s (deadline in %.1fs)", STOP_NAMES[level], timeout)
+        log.info("stopping: %s (deadline in %.1fs)", level.label, timeout)
+        return level
 
-    def pause(self, on: bool, drain: bool = False) -> None:
-        """USR2/CONT; a drain is a pause that `status` and the metrics report as draining."""
-        self.paused = on
-        self.drain_requested = on and drain
+    def set_intake(self, intake: Intake, group: str | None = None) -> None:
+        """USR2/CONT, `ctl pause|resume|drain [GROUP]`: whether a group's (or every group's) workers take
+        new jobs; a drain is a pause that `status` and the metrics report as draining."""
+        for name in self.intake if group is None else [group]:
+            self.intake[name] = intake
+        log.info("%s: %s", f"group {group}" if group else "every group", intake.value)
+
+    def _intake_of(self, group: str) -> Intake:
+        """A group's desired intake. One it does not know (new in a reload, or an old worker's group that
+        a reload removed) follows the whole supervisor when every group agrees."""
+        known = set(self.intake.values())
+        return self.intake.get(group) or (known.pop() if len(known) == 1 else Intake.OPEN)
+
+    @property
+    def paused(self) -> bool:
+        """Every group takes no new job (USR2, `ctl pause`, `ctl drain`)."""
+        return all(i is not Intake.OPEN for i in self.intake.values())
 
     @property
     def draining(self) -> bool:
-        """Intake is stopped so running jobs can finish: a `ctl drain` not yet resumed, or a graceful stop."""
-        return (self.paused and self.drain_requested) or self.stop_level == GRACEFUL
+        """Intake is stopped so running jobs can finish: a `ctl drain` of every group not yet resumed, or a
+        graceful stop."""
+        drained = all(i is Intake.DRAINING for i in self.intake.values())
+        return drained or self.stop_level == StopLevel.GRACEFUL
 
-    def scale(self, group: int, size: int) -> None:
-        if self.stop_level is not None:
-            log.warning("scale ignored: stopping")
-            return
-        self.sizes[group] = max(0, size)
-        log.info("group %s: %d worker(s)", self.settings.groups[group].name, self.sizes[group])
+    def scale(self, group: str, size: int) -> None:
+        self.sizes[[g.name for g in self.settings.groups].index(group)] = size
+        log.info("group %s: %d worker(s)", group, size)
 
-    def kill_jobs(self) -> None:
+    def kill_jobs(self) -> int:
         """USR1: every worker kills its running job; workers go on."""
         for w in self.workers.values():
             self._signal(w, signal.SIGUSR1)
+        return sum(1 for w in self.workers.values() if w.pid is not None)
 
-    def request_reload(self) -> None:
+    def kill_job(self, job_id: str) -> dict[str, Any] | None:
+        """`ctl kill JOB_ID`: USR1 to the worker that last reported running this job."""
+        for w in self.workers.values():
+            if w.pid is not None and w.state == WorkerState.BUSY and (w.job or {}).get("job") == job_id:
+                log.info("kill job %s on worker[%s] pid %s", job_id, self._slot_label(w), w.pid)
+                self._signal(w, signal.SIGUSR1)
+                return w.row()
+        return None
+
+    def request_reload(self) -> int:
         """HUP: re-read the configuration and start a new generation; the loop swaps workers over."""
-        if self.stop_level is not None:
-            log.warning("reload ignored: stopping")
-            return
         try:
-            new = config.load(self._flags, self._environ)
+            new = loader.load(self._flags, self._environ)
         except ConfigError as exc:
             self.reload_error = str(exc)
-            log.error("reload refused, the running generation keeps serving: %s", exc)
-            return
+            raise Refused(f"{exc} (the running generation keeps serving)") from None
         if new.redis_url is None:
             new = dataclasses.replace(new, redis_url=self.settings.redis_url)
         self.sizes = self._sizes_after_reload(new)
+        self.intake = {g.name: self._intake_of(g.name) for g in new.groups}
         self.settings = new
         self._generations += 1
         self.generation = self._generations
         self.reloads += 1
         self.reload_error = None
         log.info("reload: starting generation %d", self.generation)
+        return self.generation
 
     def _sizes_after_reload(self, new: Settings) -> list[int]:
         """Groups match by name: one keeps the size it was scaled to (TTIN, `ctl scale`) unless the
@@ -425,7 +449,7 @@ class Supervisor:
             MIN_UPTIME,
             CRASH_LIMIT,
         )
-        self.request_stop(QUICK)
+        self.request_stop(StopLevel.QUICK)
         self._pending_exit = EXIT_CRASH_LOOP
 
     def _revert_generation(self) -> None:
@@ -438,8 +462,9 @@ class Supervisor:
 
     def _recover(self, w: Worker, status: int) -> None:
         """A worker died without cleaning up: kill its orphaned horse, then fix its jobs in Redis."""
-        shutdown = w.stop_level == KILL or (self.stop_level is not None and self.stop_level >= QUICK)
-        if w.state == "busy":
+        stopping = self.stop_level is not None and self.stop_level >= StopLevel.QUICK
+        shutdown = w.stop_level == StopLevel.KILL or stopping
+        if w.state == WorkerState.BUSY:
             self.interrupted = self.interrupted or shutdown
         horse = (w.job or {}).get("horse")
         after_pid = None
@@ -511,7 +536,7 @@ class Supervisor:
             if not w.stopping and (
                 w.spec.group >= len(self.sizes) or w.spec.slot >= self.sizes[w.spec.group]
             ):
-                self._stop_worker(w, GRACEFUL, "scale down")
+                self._stop_worker(w, StopLevel.GRACEFUL, "scale down")
         if mold is None or not mold.ready:
             return
         for group, size in enumerate(self.sizes):
@@ -522,7 +547,8 @@ class Supervisor:
                 if current:
                     if current[0].ready:
                         for w in old:
-                            self._stop_worker(w, GRACEFUL, f"replaced by generation {self.generation}")
+                            replaced = f"replaced by generation {self.generation}"
+                            self._stop_worker(w, StopLevel.GRACEFUL, replaced)
                     continue
                 if self.backoff.get((group, slot), (0, 0.0))[1] > now:
                     continue
@@ -532,9 +558,9 @@ class Supervisor:
 
     def _converge_stop(self) -> None:
         assert self.stop_level is not None and self.stop_deadline is not None
-        if time.monotonic() >= self.stop_deadline and self.stop_level < KILL and self.workers:
+        if time.monotonic() >= self.stop_deadline and self.stop_level < StopLevel.KILL and self.workers:
             log.warning("stop deadline passed with %d worker(s) left; escalating", len(self.workers))
-            self.request_stop(self.stop_level + 1)
+            self.request_stop(self.stop_level.escalated())
         for w in self.workers.values():
             if w.stop_level is None or w.stop_level < self.stop_level:
                 self._stop_worker(w, self.stop_level, "shutdown")
@@ -556,9 +582,10 @@ class Supervisor:
 
     def _converge_pause(self) -> None:
         for w in self.workers.values():
-            if w.pid is not None and w.paused != self.paused and not w.stopping:
-                w.paused = self.paused
-                self._signal(w, signal.SIGUSR2 if self.paused else signal.SIGCONT)
+            paused = self._intake_of(w.group) is not Intake.OPEN
+            if w.pid is not None and w.paused != paused and not w.stopping:
+                w.paused = paused
+                self._signal(w, signal.SIGUSR2 if paused else signal.SIGCONT)
 
     def _converge_recoveries(self) -> None:
         mold = self.molds.get(self.generation)
@@ -668,7 +695,7 @@ class Supervisor:
             return
         if mold.generation == self.serving_generation:
             log.error("the serving mold died and its restart failed, stopping: %s", message)
-            self.request_stop(GRACEFUL)
+            self.request_stop(StopLevel.GRACEFUL)
             self._pending_exit = EXIT_APP_IMPORT
             return
         self.reload_error = f"generation {mold.generation}: {message}"
@@ -708,12 +735,12 @@ class Supervisor:
             slot=slot,
             generation=mold.generation,
             name=f"{self._name_prefix}.{self._seq}",
-            paused=self.paused,
+            paused=self._intake_of(mold.settings.groups[group].name) is not Intake.OPEN,
             scheduler=self.settings.with_scheduler and group == 0 and slot == 0,
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
-        w = Worker(spec, ours, mold.settings.groups[group].queues, paused=self.paused)
+        w = Worker(spec, ours, mold.settings.groups[group].queues, paused=spec.paused)
         self.workers[spec.name] = w
         self._selector.register(ours, selectors.EVENT_READ, lambda s: self._on_worker_message(w))
         self._send_mold(mold, {"op": "spawn", "spec": spec.to_dict()}, [theirs.fileno()])
@@ -740,18 +767,18 @@ class Supervisor:
             event = message.get("event")
             if event == "ready":
                 w.ready = True
-                w.state = "paused" if w.paused else "idle"
+                w.state = WorkerState.PAUSED if w.paused else WorkerState.IDLE
                 if w.pid is None:
                     w.pid = int(message.get("pid", 0)) or None
             elif event == "busy":
-                w.state, w.job = "busy", message
+                w.state, w.job = WorkerState.BUSY, message
             elif event == "idle":
-                w.state, w.job = ("paused" if w.paused else "idle"), None
+                w.state, w.job = (WorkerState.PAUSED if w.paused else WorkerState.IDLE), None
                 self._count_jobs(w, message)
-            elif event == "paused" and w.state != "busy":
-                w.state = "paused"
-            elif event == "resumed" and w.state == "paused":
-                w.state = "idle"
+            elif event == "paused" and w.state != WorkerState.BUSY:
+                w.state = WorkerState.PAUSED
+            elif event == "resumed" and w.state == WorkerState.PAUSED:
+                w.state = WorkerState.IDLE
             elif event == "recycle":
                 w.stop_reason = f"recycle: {message.get('reason')}"
             elif event == "promote-ready":
@@ -807,16 +834,16 @@ class Supervisor:
             self.jobs[name] += value - getattr(w, name)
             setattr(w, name, value)
 
-    def _stop_worker(self, w: Worker, level: int, reason: str) -> None:
+    def _stop_worker(self, w: Worker, level: StopLevel, reason: str) -> None:
         if w.pid is None:
             return  # the mold has not told us its pid yet; the next reconcile (on "forked") stops it
         w.stop_level, w.stop_reason = level, reason
-        if level == KILL:
+        if level == StopLevel.KILL:
             horse = (w.job or {}).get("horse")
             if isinstance(horse, int):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(horse, signal.SIGKILL)
-        self._signal(w, STOP_SIGNALS[level])
+        self._signal(w, level.signal)
 
     def _signal(self, w: Worker, sig: int) -> None:
         if w.pid is None:
@@ -824,13 +851,10 @@ class Supervisor:
         with contextlib.suppress(ProcessLookupError):
             os.kill(w.pid, sig)
 
-    # ----------------------------------------------------------------- control commands
-
-    def handle_command(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One control-socket request; changes desired state only, like a signal."""
-        return control.dispatch(self, request)
+    # ----------------------------------------------------------------- what commands read
 
     def status(self) -> dict[str, Any]:
+        """The status document (`ctl status --json`, the metrics): its field names are a wire format."""
         order = sorted(self.workers.values(), key=lambda w: (w.spec.group, w.spec.slot, w.spec.generation))
         workers = [w.row() for w in order]
         return {
@@ -844,7 +868,7 @@ class Supervisor:
             ],
             "paused": self.paused,
             "draining": self.draining,
-            "stopping": STOP_NAMES[self.stop_level] if self.stop_level is not None else None,
+            "stopping": self.stop_level.label if self.stop_level is not None else None,
             "molds": [
                 {"generation": m.generation, "pid": m.pid, "ready": m.ready, "reforked": m.promoted}
                 for m in self.molds.values()
@@ -857,6 +881,17 @@ class Supervisor:
             "redis_url": config.mask_url(self.settings.redis_url or ""),
             "app": list(self.settings.app),
         }
+
+    def health(self, check: str) -> dict[str, Any]:
+        """live: the loop answers and a mold serves; ready: also not stopping, a worker registered with rq
+        and Redis answering. A paused (or draining) supervisor stays ready: it is healthy, just idle."""
+        live = any(m.ready for m in self.molds.values()) or self.serving_generation > 0
+        if check == "live":
+            return {"ok": live, "live": live}
+        ready_workers = sum(1 for w in self.workers.values() if w.ready and w.stop_level is None)
+        redis_ok = self.redis_answers()
+        ok = live and ready_workers > 0 and redis_ok and self.stop_level is None
+        return {"ok": ok, "live": live, "ready_workers": ready_workers, "redis": redis_ok}
 
     def redis_answers(self) -> bool:
         """One PING with a short timeout, so a slow Redis cannot wedge the loop or a probe (< 200 ms)."""
@@ -873,7 +908,7 @@ class Supervisor:
         live = sum(1 for w in self.workers.values() if w.stop_level is None)
         state = " paused" if self.paused else ""
         if self.stop_level is not None:
-            state = f" stopping({('graceful', 'quick', 'kill')[self.stop_level]})"
+            state = f" stopping({self.stop_level.label})"
         return (
             f"resque-starter: supervisor gen={self.generation} workers={live}/{sum(self.sizes)}{state} "
             f"app={','.join(self.settings.app) or '-'}"

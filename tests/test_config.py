@@ -1,4 +1,4 @@
-"""The configuration loader: every rule of DESIGN.md §2, each a row of a table, plus a property test."""
+"""The configuration loader: the rules of docs/configuration.md, each a row of a table, and property tests."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resque_starter import cgroups, config
-from resque_starter.config import ConfigError, Group, Settings, load, mask_url
+from resque_starter.config import ConfigError, Group, Settings, mask_url
+from resque_starter.loader import load
 
 P = "RESQUE_STARTER_"
 AVAILABLE = len(os.sched_getaffinity(0))
@@ -127,7 +128,7 @@ def test_good_values_from_environment_and_flags(
 
 WHOLE = "a whole number"
 DURATION = "a duration"
-SIZE = "a size > 0"
+SIZE = "a size over 0 and at most 64T"
 BOOL = "true or false"
 QUEUE = "queue names"
 URL = "a redis://, rediss:// or unix:// URL"
@@ -138,27 +139,39 @@ BAD = [
     ("CONCURRENCY", "x", f"{WHOLE} from 0 to 1024"),
     ("CONCURRENCY", "1.5", f"{WHOLE} from 0 to 1024"),
     ("CONCURRENCY", "\u0664", f"{WHOLE} from 0 to 1024"),  # an Arabic-Indic 4: int() takes it, we don't
-    ("MAX_REQUEUES", "-1", f"{WHOLE} >= 0"),
-    ("RELOAD_SURGE", "0", f"{WHOLE} >= 1"),
-    ("MAX_JOBS", "0", f"{WHOLE} >= 1, or off"),
-    ("REFORK_AFTER", "0", f"{WHOLE} >= 1, or off"),
-    ("WORKER_TTL", "0", "seconds >= 1"),
-    ("JOB_MONITORING_INTERVAL", "-5", "seconds >= 1"),
-    ("MAINTENANCE_INTERVAL", "10m", "seconds >= 1"),
+    ("MAX_REQUEUES", "-1", f"{WHOLE} from 0 to 1000"),
+    ("MAX_REQUEUES", "1001", f"{WHOLE} from 0 to 1000"),
+    ("RELOAD_SURGE", "0", f"{WHOLE} from 1 to 1024"),
+    ("RELOAD_SURGE", "1025", f"{WHOLE} from 1 to 1024"),
+    ("MAX_JOBS", "0", f"{WHOLE} from 1 to 1000000000, or off"),
+    ("MAX_JOBS", "1000000001", f"{WHOLE} from 1 to 1000000000, or off"),
+    ("REFORK_AFTER", "0", f"{WHOLE} from 1 to 1000000000, or off"),
+    ("REFORK_AFTER", "1000000001", f"{WHOLE} from 1 to 1000000000, or off"),
+    ("WORKER_TTL", "0", "seconds from 1 to 86400"),
+    ("WORKER_TTL", "100000000000000000", "seconds from 1 to 86400"),
+    ("JOB_MONITORING_INTERVAL", "-5", "seconds from 1 to 86400"),
+    ("JOB_MONITORING_INTERVAL", "86401", "seconds from 1 to 86400"),
+    ("MAINTENANCE_INTERVAL", "10m", "seconds from 1 to 86400"),
+    ("MAINTENANCE_INTERVAL", "86401", "seconds from 1 to 86400"),
     ("RESULT_TTL", "-2", "-1 keeps results forever"),
+    ("RESULT_TTL", "100000000000000000", "from -1 to 315360000"),
     ("METRICS_PORT", "0", f"{WHOLE} from 1 to 65535"),
     ("METRICS_PORT", "65536", f"{WHOLE} from 1 to 65535"),
     ("WITH_SCHEDULER", "2", BOOL),
     ("WITH_SCHEDULER", "y", BOOL),
     ("PREFORK_HORSE", "truee", BOOL),
     ("REQUIRE_REDIS_URL", "enabled", BOOL),
-    ("DRAIN_TIMEOUT", "-1", f"{DURATION} >= 0"),
-    ("DRAIN_TIMEOUT", "1e3", f"{DURATION} >= 0"),
-    ("DRAIN_TIMEOUT", "5d", f"{DURATION} >= 0"),
-    ("DRAIN_TIMEOUT", "inf", f"{DURATION} >= 0"),
-    ("MAX_LIFETIME", "0", f"{DURATION} > 0"),
-    ("MAX_LIFETIME", "m", f"{DURATION} > 0"),
+    ("DRAIN_TIMEOUT", "-1", f"{DURATION} from 0 to 24h"),
+    ("DRAIN_TIMEOUT", "600h", f"{DURATION} from 0 to 24h"),
+    ("DRAIN_TIMEOUT", "86401", f"{DURATION} from 0 to 24h"),
+    ("DRAIN_TIMEOUT", "1e3", f"{DURATION} from 0 to 24h"),
+    ("DRAIN_TIMEOUT", "5d", f"{DURATION} from 0 to 24h"),
+    ("DRAIN_TIMEOUT", "inf", f"{DURATION} from 0 to 24h"),
+    ("MAX_LIFETIME", "0", f"{DURATION} over 0 and at most 720h"),
+    ("MAX_LIFETIME", "721h", f"{DURATION} over 0 and at most 720h"),
+    ("MAX_LIFETIME", "m", f"{DURATION} over 0 and at most 720h"),
     ("MAX_MEMORY", "0", SIZE),
+    ("MAX_MEMORY", "65T", SIZE),
     ("MAX_MEMORY", "512X", SIZE),
     ("MAX_MEMORY", "-1M", SIZE),
     ("MAX_MEMORY", "M", SIZE),
@@ -188,6 +201,14 @@ BAD = [
     ("REDIS_URL", "redis://127.0.0.1:port", URL),
     ("REDIS_URL", "unix://", "unix:// needs the socket's path"),
     ("RUN_DIR", "   ", "a non-empty path"),
+    ("RUN_DIR", "/" + "r" * 94, "a non-empty path of at most 94 bytes"),
+    ("PID_FILE", "/" + "p" * 4096, "a non-empty path of at most 4096 bytes"),
+    ("CONFIG_TIMEOUT", "0", f"{DURATION} over 0 and at most 5m"),
+    ("CONFIG_TIMEOUT", "301", f"{DURATION} over 0 and at most 5m"),
+    ("QUEUES", ",".join(f"q{i}" for i in range(65)), "at most 64 of them (65 are given)"),
+    ("QUEUES", "q" * 256, "is longer than 255 characters"),
+    ("APP", "a." * 128 + "b", "is not a dotted module name"),
+    ("PATH", ":".join(f"/d{i}" for i in range(65)), "at most 64 of them"),
     ("PID_FILE", "a\0b", "a non-empty path"),
     ("GROUPS", "low", "group 1 'low': expected QUEUES=SIZE"),
     ("GROUPS", "high=1; low=x", "group 2 'low=x': size must be a whole number from 0 to 1024"),
@@ -552,10 +573,10 @@ def test_the_loader_imports_neither_rq_nor_redis_py_nor_what_only_some_superviso
     supervisor holds is copied by the molds it forks."""
     code = (
         "import sys, os\n"
-        "from resque_starter import config, supervisor, cli\n"
+        "from resque_starter import loader, supervisor, cli\n"
         "env = {'REDIS_URL': 'rediss://:pw@127.0.0.1:6390/1', 'RESQUE_STARTER_WORKER_CLASS': 'rq.Worker'}\n"
-        "config.load({}, env)\n"
-        "lazy = ('rq', 'redis', 'prometheus_client', 'difflib', 'runpy', 'ctypes')\n"
+        "loader.load({}, env)\n"
+        "lazy = ('rq', 'redis', 'prometheus_client', 'difflib', 'pickle', 'ctypes')\n"
         "ours = ('resque_starter.metrics', 'resque_starter.embedded_redis')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in lazy or m in ours))\n"
     )
@@ -570,7 +591,7 @@ def test_add_flags_one_string_flag_per_setting() -> None:
     parser = argparse.ArgumentParser()
     config.add_flags(parser)
     everything = {f.name for f in dataclasses.fields(Settings)} - {"hooks"}
-    assert {var.field for var in config.VARIABLES} == everything
+    assert {var.name for var in config.SETTINGS} == everything
     defaults = vars(parser.parse_args([]))
     assert defaults == dict.fromkeys(everything)
     args = parser.parse_args(
@@ -593,13 +614,60 @@ def test_add_flags_one_string_flag_per_setting() -> None:
     assert settings.job_monitoring_interval == 9
 
 
+def test_boolean_flags_alone_mean_true_and_still_take_a_value() -> None:
+    parser = argparse.ArgumentParser()
+    config.add_flags(parser)
+    booleans = [s for s in config.SETTINGS if s.kind.boolean]
+    assert {s.name for s in booleans} >= {"with_scheduler", "prefork_horse", "require_redis_url"}
+    for s in booleans:
+        alone = load(vars(parser.parse_args([s.flag])), {"REDIS_URL": "redis://127.0.0.1"})
+        assert getattr(alone, s.name) is True, s.flag
+        for text, expected in (("false", False), ("true", True)):
+            args = vars(parser.parse_args([f"{s.flag}={text}"]))
+            assert getattr(load(args, {"REDIS_URL": "redis://127.0.0.1"}), s.name) is expected
+
+
+def test_settings_type_matches_the_declarations() -> None:
+    """One declaration per setting: the Settings fields and defaults are the declared ones, in order."""
+    declared = [s.name for s in config.SETTINGS]
+    assert len(set(declared)) == len(declared)
+    assert set(declared) == {f.name for f in dataclasses.fields(Settings)} - {"hooks"}
+    for s in config.SETTINGS:
+        assert getattr(Settings(), s.name) == s.default, s.name
+        assert s.kind.allowed and s.doc and s.section, s.name
+
+
+def test_every_declared_default_is_a_value_its_kind_accepts() -> None:
+    """The default, written as a flag would give it, parses back to itself (computed defaults aside)."""
+    for s in config.SETTINGS:
+        if s.default in (None, ()) or s.name == "groups":
+            continue
+        assert s.kind(s.kind.show(s.default)) == s.default, s.name
+
+
+def test_the_settings_table_in_the_docs_is_generated_from_the_declarations() -> None:
+    """docs/configuration.md holds the table `python -m resque_starter.settings_doc` writes; regenerate
+    it when a declaration changes."""
+    from resque_starter import settings_doc
+
+    page = settings_doc.PAGE.read_text()
+    assert settings_doc.render(page) == page, "run python -m resque_starter.settings_doc"
+    for s in config.SETTINGS:
+        assert f"`{s.env}`<br>`{s.flag}`" in page
+        assert s.kind.allowed.replace("|", "\\|") in page
+    check = subprocess.run(
+        [sys.executable, "-m", "resque_starter.settings_doc", "--check"], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+
+
 def test_every_flag_is_named_after_its_variable() -> None:
     parser = argparse.ArgumentParser()
     config.add_flags(parser)
     squeezed_help = "".join(parser.format_help().split())
-    for var in config.VARIABLES:
+    for var in config.SETTINGS:
         flag = "--" + var.env.removeprefix(P).lower().replace("_", "-")
-        assert getattr(parser.parse_args([flag, "v"]), var.field) == "v"
+        assert getattr(parser.parse_args([flag, "v"]), var.name) == "v"
         assert var.env in squeezed_help
 
 
@@ -759,10 +827,12 @@ def assert_loads_or_one_line_error(flags: dict[str, object], environ: dict[str, 
 
 
 @settings(max_examples=400, deadline=None)
-@given(var=st.sampled_from(config.VARIABLES), text=TEXT, as_flag=st.booleans())
-def test_any_text_gives_settings_or_one_line_config_error(var: config._Var, text: str, as_flag: bool) -> None:
+@given(var=st.sampled_from(config.SETTINGS), text=TEXT, as_flag=st.booleans())
+def test_any_text_gives_settings_or_one_line_config_error(
+    var: config.Setting, text: str, as_flag: bool
+) -> None:
     if as_flag:
-        assert_loads_or_one_line_error({var.field: text}, {})
+        assert_loads_or_one_line_error({var.name: text}, {})
     else:
         assert_loads_or_one_line_error({}, {var.env: text.replace("\0", "")})
 
@@ -777,12 +847,12 @@ NATIVE = st.recursive(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(var=st.sampled_from([v for v in config.VARIABLES if v.field != "config"]), value=NATIVE)
+@given(var=st.sampled_from([v for v in config.SETTINGS if v.name != "config"]), value=NATIVE)
 def test_any_native_value_in_config_file_gives_settings_or_one_line_error(
-    var: config._Var, value: object
+    var: config.Setting, value: object
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write(
-            Path(tmp) / "c.py", f"import pickle\n{var.field} = pickle.loads({pickle.dumps(value)!r})\n"
+            Path(tmp) / "c.py", f"import pickle\n{var.name} = pickle.loads({pickle.dumps(value)!r})\n"
         )
         assert_loads_or_one_line_error({}, {P + "CONFIG": path})

@@ -29,7 +29,7 @@ from rq.job import Job, JobStatus
 from conftest import RedisServer, free_port, wait_for
 from starter import ROOT, TESTS, Starter, base_env, children, ctl, descendants, ok, process_state, registries
 
-DOC = ROOT / "README.md"
+DOC = ROOT / "docs" / "operating.md"
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def rq_states(conn: redis.Redis) -> list[str]:
 
 def documented_fields(heading: str) -> set[str]:
     """The field names of one table in the docs: the first backticked cell of each row under heading."""
-    section = DOC.read_text().split(f"### {heading}\n", 1)[1].split("\n#", 1)[0]
+    section = DOC.read_text().split(f"# {heading}\n", 1)[1].split("\n#", 1)[0]
     return set(re.findall(r"^\| `([a-z_.]+)`", section, re.MULTILINE))
 
 
@@ -659,12 +659,12 @@ def test_metrics_port_without_prometheus_client_or_in_use_exits_2(start, tmp_pat
 def test_requeued_jobs_are_summed_from_idle_events(tmp_path: Path) -> None:
     """The worker reports `requeued` in its idle events; jobs are requeued mostly as everything stops, when
     no scrape can see it, so this drives the supervisor's event handling directly over a real socket."""
-    from resque_starter import config
+    from resque_starter import loader
     from resque_starter.process_table import Worker
     from resque_starter.protocol import WorkerSpec, encode
     from resque_starter.supervisor import Supervisor
 
-    settings = config.load({}, {"RESQUE_STARTER_CONCURRENCY": "1", "REDIS_URL": "redis://127.0.0.1:1"})
+    settings = loader.load({}, {"RESQUE_STARTER_CONCURRENCY": "1", "REDIS_URL": "redis://127.0.0.1:1"})
     sup = Supervisor(settings, {}, {})
     for name, counts in (("a", [(1, 0, 1), (2, 1, 3)]), ("b", [(5, 0, 2)])):
         ours, theirs = socket.socketpair()

@@ -17,7 +17,8 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from resque_starter import config, control
-from resque_starter.config import ConfigError, Group, load
+from resque_starter.config import ConfigError, Group
+from resque_starter.loader import load
 
 from conftest import wait_for
 from starter import ROOT, Starter, base_env, cmdline, ctl, registries
@@ -331,7 +332,7 @@ BAD_OVERRIDES = [
     ('{"lo": {"max_jobs": 1}}', "group_overrides (in {path})='lo' is not allowed: keys are group names: "
      "high,default; low"),
     ('{"low": {"max_jobs": 0}}', "group_overrides['low']['max_jobs'] (in {path})=0 is not allowed: "
-     "a whole number >= 1"),
+     "a whole number from 1 to 1000000000"),
     ('{"high,default": {"max_memory": "lots"}}', "group_overrides['high,default']['max_memory'] (in {path})="
      "'lots' is not allowed: a size"),
     ('{"low": {"worker_class": "Worker"}}', "group_overrides['low']['worker_class'] (in {path})="

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from resque_starter.control import MAX_SCALE
+from resque_starter.config import MAX_GROUP_SIZE as MAX_SCALE
 from resque_starter.protocol import MAX_LINE
 
 from conftest import RedisServer

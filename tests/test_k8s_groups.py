@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from resque_starter import config
+from resque_starter import config, loader
 
 yaml = pytest.importorskip("yaml", reason="PyYAML comes with the test extras of the docker branch")
 
@@ -49,7 +49,7 @@ def pod_settings(docs: list[dict[str, Any]], deployment: dict[str, Any], tmp: Pa
         local.parent.mkdir()
         local.write_text(maps[volume["configMap"]["name"]]["data"][mounted.name])
         env["RESQUE_STARTER_CONFIG"] = str(local)
-    return config.load({}, env)
+    return loader.load({}, env)
 
 
 def deployments() -> list[tuple[Path, str]]:

@@ -183,6 +183,22 @@ def test_grace_period_covers_the_drain() -> None:
     assert grace >= pre_stop_drain_timeout() + drain + 5, "preStop drain + supervisor drain + 5s > grace"
 
 
+def seconds(duration: str) -> float:
+    """A compose duration (`30s`, `1m30s`, `90`) in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"([0-9.]+)(ms|h|m|s)?", str(duration))
+    return sum(float(value) * units[unit or "s"] for value, unit in parts)
+
+
+def test_compose_stop_grace_covers_the_drain() -> None:
+    """docker stop sends KILL stop_grace_period after TERM (default 10 s): it must outlast the drain."""
+    for name, service in documents(ROOT / "compose" / "compose.yaml")[0]["services"].items():
+        drain = service.get("environment", {}).get("RESQUE_STARTER_DRAIN_TIMEOUT")
+        if service.get("command") == ["run"] or drain is not None:
+            grace = seconds(service.get("stop_grace_period", "10s"))
+            assert grace >= float(drain or 25) + 5, f"{name}: stop_grace_period {grace}s < drain + 5s"
+
+
 def test_container_runs_the_supervisor_with_exec_probes() -> None:
     spec = container()
     assert spec["args"] == ["run"]

@@ -378,7 +378,7 @@ def test_pause_stops_intake_even_while_blocked(start: Start, conn: redis.Redis, 
     worker.expect("paused")
     assert worker_state(conn, worker.name) == "suspended"
     assert "paused" in proctitle(worker.pid)
-    stays(lambda: queue.get_job_ids() == [job.id], worker_module.CLAIM_POLL_SECONDS * 1.5)
+    stays(lambda: queue.get_job_ids() == [job.id], 1.5)
     assert job.get_status() == JobStatus.QUEUED
     assert [w.name for w in Worker.all(connection=conn)] == [worker.name]
 

@@ -86,6 +86,20 @@ class Controls:
         os.close(self._write)
         self._read = self._write = -1
 
+    @property
+    def wake_fd(self) -> int:
+        """Readable once a signal came: what an idle wait selects on besides Redis."""
+        return self._read
+
+    def request_stop(self) -> None:
+        """A warm shutdown (TERM, QUIT, or rq's command listener in another thread): the flag, when it
+        was asked (rq records that), and a byte in the wakeup pipe, which ends an idle wait at once."""
+        self.stop = True
+        self.stop_requested_at = self.stop_requested_at or now()
+        if self.installed:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._write, b"\0")
+
     def wait(self, timeout: float) -> None:
         """Sleep up to `timeout` seconds; any signal ends it early (once installed)."""
         select.select([self._read] if self.installed else [], [], [], timeout)
@@ -94,11 +108,6 @@ class Controls:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._read, 512):
                 pass
-
-    def request_stop(self) -> None:
-        """A warm shutdown: finish the current job, then exit."""
-        self.stop = True
-        self.stop_requested_at = self.stop_requested_at or now()
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self.request_stop()
@@ -135,6 +144,7 @@ class Context:
     pid: int = field(default_factory=os.getpid)  # the worker's, in every fork of it
     _inbox: protocol.LineBuffer = field(default_factory=protocol.LineBuffer, repr=False)
     _released: bool = field(default=False, repr=False)
+    _hung_up: bool = field(default=False, repr=False)
 
     @classmethod
     def detached(cls) -> Context:
@@ -158,13 +168,21 @@ class Context:
             try:
                 data = self.status.recv(65536)
             except OSError:
-                return False
+                data = b""
             if not data:
+                self._hung_up = True
                 return False
             for message in self._inbox.feed(data):
                 if message.get("op") == "promote":
                     self.promote_to = int(message["generation"])
         return self.promote_to is not None
+
+    def watched(self) -> tuple[int, ...]:
+        """What an idle wait also wakes on: the supervisor's socket, until it hangs up (then it would
+        be readable forever)."""
+        if self.status is None or self._hung_up or self.promote_to is not None:
+            return ()
+        return (self.status.fileno(),)
 
     def title(self, state: str) -> str:
         return f"resque-starter: worker[{self.label}] gen={self.spec.generation} {state}"

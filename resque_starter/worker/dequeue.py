@@ -9,7 +9,6 @@ execution (see StarterMixin.set_state), so recovery finds everything a dead work
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import redis
 from redis.client import Pipeline
@@ -17,17 +16,18 @@ from redis.commands.core import Script
 from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job
 from rq.queue import Queue
-from rq.utils import as_text, now
+from rq.utils import now
 from rq.worker import WorkerStatus
 
 from resque_starter import claims
 from resque_starter.worker.bookkeeping import ReportingMixin
 from resque_starter.worker.controls import Context, Controls
+from resque_starter.worker.idle_wait import IdleWait
 
-# How long one blocking wait for a job lasts. It bounds how late a pause or stop takes effect
-# while idle, and how late a job on a queue other than the first one is noticed while blocked
-# (BLMOVE can wait on one list only; every poll first tries all queues in priority order).
-CLAIM_POLL_SECONDS = 1.0
+# How long one idle wait lasts at most. A job on any queue, a signal or a message from the supervisor
+# ends it at once (see idle_wait); its length bounds only how late a recycle by lifetime is noticed
+# and, with one BLMOVE per queue each time, what an idle worker costs Redis.
+CLAIM_POLL_SECONDS = 5.0
 
 
 def private_memory() -> int:
@@ -48,8 +48,8 @@ class ClaimingMixin(ReportingMixin):
     _jobs_done: int
     _claim_first: Script | None
     _claimed: tuple[str, str] | None = None  # (job id, queue name) until the execution records it
-    _blocker: redis.Redis | None = None
-    _blocker_id: int | None = None
+    _idle_wait: IdleWait | None = None
+    _claims_unsure = False  # a wait broke off with an error: a job may sit in a claim list of ours
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -57,8 +57,9 @@ class ClaimingMixin(ReportingMixin):
         """Claim the next job, as rq's version pops it: heartbeats, maintenance and the backoff on
         Redis connection errors are kept; pause, stop and recycling are checked between short waits.
 
-        `timeout` None (burst mode) tries once without blocking; otherwise it waits, in
-        CLAIM_POLL_SECONDS steps, until a job comes, a stop, or `max_idle_time` seconds pass.
+        `timeout` None (burst mode) tries once without blocking; otherwise it waits, on every queue
+        at once and up to CLAIM_POLL_SECONDS at a time, until a job comes, a stop, or `max_idle_time`
+        seconds pass.
         """
         self.set_state(WorkerStatus.IDLE)
         self._set_title(f"idle queues={','.join(self._context.queues)}")
@@ -73,11 +74,14 @@ class ClaimingMixin(ReportingMixin):
                 self._heartbeat_if_due()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
+                if self._claims_unsure:
+                    self._release_claims()
+                    self._claims_unsure = False
                 result = self._claim(block=timeout is not None)
                 wait = 1.0
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                self._claims_unsure = True
                 self.log.error("Worker %s: Redis unreachable (%s), retrying in %.1fs", self.name, exc, wait)
-                self._blocker_id = None  # its connection comes back with a new id
                 self._controls.wait(wait)
                 wait = min(wait * self.exponential_backoff_factor, self.max_connection_wait_time)
                 continue
@@ -102,11 +106,7 @@ class ClaimingMixin(ReportingMixin):
             self._claim_first, self.name, ordered, prefix
         )
         if found is None and block:
-            first = claims.claim_key(self.name, names[0])
-            blocker = self._blocking_client()
-            # Redis takes a fraction of a second as a timeout; redis-py's type says int
-            job_id = blocker.blmove(ordered[0].key, first, CLAIM_POLL_SECONDS, "LEFT", "RIGHT")  # type: ignore[arg-type]
-            found = (names[0], as_text(job_id), None) if job_id is not None else None
+            found = self._wait_for_job(ordered)
         if found is None:
             return None
         queue_name, job_id, fields = found
@@ -128,28 +128,6 @@ class ClaimingMixin(ReportingMixin):
         self._claimed = (job.id, queue.name)
         return job, queue
 
-    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
-        """Open the blocking wait's connection before the worker says it is ready, not at its first wait."""
-        self._blocking_client()
-        super().bootstrap(*args, **kwargs)
-
-    def _blocking_client(self) -> redis.Redis:
-        """The client the blocking wait for a job uses: one connection of the worker's pool, whose id
-        `wake` can unblock; asked once per connection (Redis gives a reconnected client a new id)."""
-        if self._blocker is None:
-            pool = self.connection.connection_pool
-            self._blocker = redis.Redis(connection_pool=pool, single_connection_client=True)
-        if self._blocker_id is None:
-            self._blocker_id = int(self._blocker.client_id())
-        return self._blocker
-
-    def wake(self) -> None:
-        """End the blocking wait for a job now (from rq's pubsub thread, on `rq shutdown`): rq's worker
-        stops at once then, and so must ours, not at the end of a wait of up to CLAIM_POLL_SECONDS."""
-        blocked = self._blocker_id
-        if blocked is not None:
-            self.connection.client_unblock(blocked)
-
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
         """rq's prepare_execution sets the worker BUSY in the transaction that records the execution:
         the claimed job leaves its claim list in the same transaction (from then on the execution names
@@ -162,10 +140,24 @@ class ClaimingMixin(ReportingMixin):
             self.heartbeat(pipeline=pipeline)
         super().set_state(state, pipeline)
 
-    def _close_blocker(self) -> None:
-        if self._blocker is not None:
-            self._blocker.close()
-            self._blocker = self._blocker_id = None
+    def _wait_for_job(self, ordered: list[Queue]) -> tuple[str, str, None] | None:
+        """Block on every queue at once (see idle_wait) for up to CLAIM_POLL_SECONDS, shorter when a
+        heartbeat or a recycle by lifetime is due sooner; a job comes already moved into this
+        worker's claim list."""
+        if self._idle_wait is None:
+            self._idle_wait = IdleWait(self.connection, self._controls.wake_fd)
+        names = [queue.name for queue in ordered]
+        won = self._idle_wait.wait(
+            [queue.key for queue in ordered],
+            [claims.claim_key(self.name, name) for name in names],
+            min(CLAIM_POLL_SECONDS, self.dequeue_timeout, self._until_recycle()),
+            self._context.watched(),
+        )
+        return (names[won[0]], won[1], None) if won is not None else None
+
+    def _until_recycle(self) -> float:
+        deadline = self._context.deadline
+        return CLAIM_POLL_SECONDS if deadline is None else max(0.0, deadline - time.monotonic())
 
     def _load(self, job_id: str, fields: list[bytes] | None) -> Job:
         """The claimed job: from the fields the claim brought, or (after BLMOVE) Job.fetch."""

@@ -103,15 +103,23 @@ class StarterMixin(ClaimingMixin):
 
     def handle_payload(self, message: Any) -> None:
         """rq's `shutdown` command sends SIGINT to the worker, which here means a quick stop; make it
-        the graceful stop it is in rq. Other commands (kill-horse, stop-job) behave as in rq."""
-        if parse_payload(message).get("command") == "shutdown":
+        the graceful stop it is in rq. Other commands (kill-horse, stop-job) behave as in rq, and
+        stop-job also stops a job that runs in this process (SimpleWorker, which rq cannot stop): as
+        USR1 does, from the main thread, and the job ends STOPPED as rq's command promises."""
+        payload = parse_payload(message)
+        if payload.get("command") == "shutdown":
             self.log.info("Worker %s: shutdown command received, stopping after the current job", self.name)
             self._controls.request_stop()
             if self._running is not None:
                 self._record_shutdown_request()
-            self.wake()
             return
         super().handle_payload(message)
+        if (
+            payload.get("command") == "stop-job"
+            and not self._forks
+            and self._stopped_job_id == payload.get("job_id")
+        ):
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     # --- running a job -------------------------------------------------------------------------
 
@@ -272,7 +280,6 @@ class StarterMixin(ClaimingMixin):
         raises, the worker stays registered, and the supervisor's recover_worker settles it."""
         if not self.is_horse:
             self._set_title("stopping")
-            self._close_blocker()
             self._release_claims()
             for execution in list(self.executions.values()):
                 self._settle_leftover(execution)

@@ -30,6 +30,7 @@ from rq.worker import Worker as ForkingWorker
 from setproctitle import setproctitle
 
 from resque_starter.config import Settings, mask_url
+from resque_starter.connection import connect
 from resque_starter.protocol import WorkerSpec
 from resque_starter.worker.controls import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX, Context, Controls
 from resque_starter.worker.horse import PreforkHorseMixin
@@ -185,7 +186,7 @@ def warm_client(url: str) -> None:
     """In the mold, before its freeze: build a client as a worker does, without connecting, and load
     the idna codec its first connection loads (socket.getaddrinfo encodes host names with it), so no
     worker imports them (modules, unicodedata tables) on pages of its own."""
-    redis.Redis.from_url(url, driver_info=DRIVER_INFO).close()
+    connect(url, driver_info=DRIVER_INFO).close()
     codecs.lookup("idna")
 
 
@@ -213,7 +214,7 @@ def build_worker(context: Context) -> StarterMixin:
             log.info("worker[%s]: RESQUE_STARTER_PREFORK_HORSE ignored: %s", context.label, why_not)
     worker_class = type("StarterWorker", (mixin, user_class), {})
     assert settings.redis_url
-    connection = redis.Redis.from_url(
+    connection = connect(
         settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT, driver_info=DRIVER_INFO
     )
     tunables = {

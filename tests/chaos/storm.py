@@ -5,8 +5,8 @@ supervisor, and for `storm_seconds` hit it with a seeded random storm of TTIN, T
 CONT, HUP, `ctl scale`, SIGTERM, SIGINT and SIGKILL of random workers and SIGKILL of work-horses,
 while a thread samples /proc for zombies. Then: the worker count must converge to the target, QUIT
 must stop it cleanly, and a fresh supervisor drains what is left. Finally every job is checked
-against DESIGN.md's promise: finished exactly once (or requeued, then finished), or failed with a
-reason a storm event explains; no started/WIP entry, claim list, intermediate list or worker
+against the promise of docs/reliability.md: finished exactly once (or requeued, then finished), or
+failed with a reason a storm event explains; no started/WIP entry, claim list, intermediate list or worker
 registration is left.
 
 Everything random comes from `random.Random(seed)`, and the seed is in every failure message, so a
@@ -407,7 +407,7 @@ def unsettled(conn: redis.Redis, plan: Plan) -> int:
 
 
 def check_nothing_held(conn: redis.Redis, plan: Plan, storm: Storm, when: str) -> None:
-    """DESIGN.md: nothing in started/WIP after resque-starter exits; no claim, no intermediate, no worker."""
+    """docs/reliability.md: nothing in started/WIP after exit; no claim, no intermediate, no worker."""
     wip = {key.decode(): conn.zrange(key, 0, -1) for key in conn.scan_iter("rq:wip:*") if conn.zcard(key)}
     claims = [key.decode() for key in conn.scan_iter(f"{CLAIM_PREFIX}*")]
     intermediate = [key.decode() for key in conn.scan_iter("rq:queue:*:intermediate") if conn.llen(key)]

@@ -31,11 +31,10 @@ trap 'rm -rf "$work"' EXIT
 tar -xzf "$work/rq-$version.tar.gz" -C "$work" "rq-$version/tests" "rq-$version/pyproject.toml"
 suite="$work/rq-$version"  # without rq's package: the tests run against the installed rq
 
-if [ "$(id -u)" = 0 ]; then
-  isolate=(unshare --net)
-else
-  isolate=(unshare --user --map-root-user --net)
-fi
+# a network namespace of its own (127.0.0.1:6379 is free there), and a PID namespace that takes every
+# process of the run with it (its redis-server too) however the run ends
+isolate=(unshare --net --pid --fork --kill-child --mount-proc)
+[ "$(id -u)" = 0 ] || isolate=(unshare --user --map-root-user "${isolate[@]:1}")
 
 run_class() {
   local class=$1
@@ -43,15 +42,11 @@ run_class() {
   "${isolate[@]}" env RQ_SUITE_CLASS="$class" PYTHONPATH="$here:$root" PATH="$(dirname "$python"):$PATH" bash -c '
     set -eu
     ip link set lo up
-    redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
-      --pidfile "$0/redis-$RQ_SUITE_CLASS.pid" --logfile "$0/redis-$RQ_SUITE_CLASS.log"
+    redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no --logfile "$0/redis-$RQ_SUITE_CLASS.log" &
     until redis-cli -p 6379 ping >/dev/null 2>&1; do sleep 0.05; done
     cd "$1" && shift
-    code=0
-    "$@" || code=$?
-    redis-cli -p 6379 shutdown nosave >/dev/null 2>&1 || true
-    exit $code
-  ' "$work" "$suite" "$python" -m pytest -q -p no:cacheprovider -p rq_suite_plugin -rfEX \
+    "$@"  # not exec: pytest as PID 1 would neither reap the orphans of rq'"'"'s tests nor die of signals
+  ' "$logs" "$suite" "$python" -m pytest -q -p no:cacheprovider -p rq_suite_plugin -rfEX \
     -W ignore::DeprecationWarning "${files[@]}" >"$logs/$class.log" 2>&1
 }
 
