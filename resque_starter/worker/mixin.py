@@ -7,13 +7,11 @@ and fewer round trips are `ReportingMixin`'s.
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import signal
 import time
 from typing import Any, NoReturn
 
-import redis
 from rq.command import parse_payload
 from rq.exceptions import StopRequested
 from rq.executions import Execution
@@ -40,25 +38,9 @@ LEFTOVER_REASON = "resque-starter: the worker stopped with this job unfinished"
 class StarterMixin(ClaimingMixin):
     """resque-starter's behaviour over any rq worker class (`type('StarterWorker', (StarterMixin, cls), {})`).
 
-    Relies on these rq 3.0 BaseWorker hooks: dequeue_job_and_maintain_ttl, execute_job,
-    prepare_execution, fork_work_horse, kill_horse, prepare_job_execution, handle_execution_ended,
-    handle_job_failure, register_birth, teardown, procline, heartbeat, set_state, check_for_suspension.
+    The rq hooks it (and the mixins under it) override, and what else it relies on in rq, are listed in
+    rq_compat, whose contract tests check them against the installed rq.
     """
-
-    # Attributes of rq's BaseWorker this mixin uses, for type checkers.
-    connection: redis.Redis
-    name: str
-    key: str
-    log: logging.Logger
-    queues: list[Queue]
-    _ordered_queues: list[Queue]
-    executions: dict[str, Execution]
-    job_class: type[Job]
-    queue_class: type[Queue]
-    serializer: Any
-    last_heartbeat: Any
-    horse_pid: int
-    is_horse: bool
 
     def __init__(self, *args: Any, context: Context | None = None, **kwargs: Any) -> None:
         """`context` is run_worker's; rq's own code (Worker.find_by_key, all()) builds the class without

@@ -15,15 +15,17 @@ root=$(cd "$here/../.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
 
 files=(tests)
+limit=1200  # seconds a class may take; a test that leaves a process behind can hang pytest's exit
 if [ "${1:-}" = "--quick" ]; then
   files=(tests/test_worker.py tests/test_job.py tests/test_registry.py tests/test_commands.py)
+  limit=600
   shift
 fi
 classes=("$@")
 [ ${#classes[@]} -gt 0 ] || classes=(worker prefork simple)
 
 version=$("$python" -c 'import rq; print(rq.__version__)')
-work=$(mktemp -d)
+work=$(mktemp -d -p /var/tmp)  # not under /tmp, which each run gets a private one of
 logs=${RQ_SUITE_LOGS:-$work}  # set it to keep each class's log
 mkdir -p "$logs"
 trap 'rm -rf "$work"' EXIT
@@ -31,10 +33,11 @@ trap 'rm -rf "$work"' EXIT
 tar -xzf "$work/rq-$version.tar.gz" -C "$work" "rq-$version/tests" "rq-$version/pyproject.toml"
 suite="$work/rq-$version"  # without rq's package: the tests run against the installed rq
 
-# a network namespace of its own (127.0.0.1:6379 is free there), and a PID namespace that takes every
-# process of the run with it (its redis-server too) however the run ends
+# a network namespace of its own (127.0.0.1:6379 is free there), a /tmp of its own (rq's tests write fixed
+# names there), and a PID namespace that takes every process of the run with it however the run ends
 isolate=(unshare --net --pid --fork --kill-child --mount-proc)
 [ "$(id -u)" = 0 ] || isolate=(unshare --user --map-root-user "${isolate[@]:1}")
+isolate=(timeout -s KILL "$limit" "${isolate[@]}")  # unshare killed takes its namespace with it
 
 run_class() {
   local class=$1
@@ -42,11 +45,12 @@ run_class() {
   "${isolate[@]}" env RQ_SUITE_CLASS="$class" PYTHONPATH="$here:$root" PATH="$(dirname "$python"):$PATH" bash -c '
     set -eu
     ip link set lo up
-    redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no --logfile "$0/redis-$RQ_SUITE_CLASS.log" &
+    mount -t tmpfs tmpfs /tmp
+    redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no --logfile /tmp/redis.log &
     until redis-cli -p 6379 ping >/dev/null 2>&1; do sleep 0.05; done
-    cd "$1" && shift
+    cd "$0"
     "$@"  # not exec: pytest as PID 1 would neither reap the orphans of rq'"'"'s tests nor die of signals
-  ' "$logs" "$suite" "$python" -m pytest -q -p no:cacheprovider -p rq_suite_plugin -rfEX \
+  ' "$suite" "$python" -m pytest -q -p no:cacheprovider -p rq_suite_plugin -rfEX \
     -W ignore::DeprecationWarning "${files[@]}" >"$logs/$class.log" 2>&1
 }
 
