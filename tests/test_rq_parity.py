@@ -3,6 +3,7 @@ against them that were not intended). Real worker processes, real Redis, real si
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -15,8 +16,11 @@ from rq.command import send_shutdown_command
 from rq.job import JobStatus
 
 import resque_starter.worker.dequeue as worker_dequeue
+from resque_starter import mold
+from resque_starter.claims import claim_key
 from resque_starter.worker import Context, Controls, StarterMixin, build_worker
 
+import testjobs
 from conftest import wait_for
 from worker_harness import EVERY_CLASS, PREFORK, Start, make_settings, new_spec, proctitle, worker_processes
 
@@ -115,3 +119,24 @@ def test_rq_builds_our_worker_class_itself(redis_url: str, conn: redis.Redis) ->
     assert found is not None and found.name == worker.name
     assert [w.name for w in cls.all(connection=conn)] == [worker.name]
     assert [w.name for w in Worker.all(connection=conn)] == [worker.name]
+
+
+def test_recovery_puts_claims_back_into_the_apps_own_queues(redis_url: str, conn: redis.Redis) -> None:
+    """The recovery the mold runs for a dead worker builds its queues with the app's queue class
+    (RESQUE_STARTER_QUEUE_CLASS), as the worker did: a claimed job goes back under the class's keys."""
+    queue = testjobs.PrefixedQueue("default", connection=conn)
+    job = queue.enqueue("testjobs.noop")
+    conn.lmove(queue.key, claim_key("dead-worker", "default"), "LEFT", "RIGHT")
+    settings = make_settings(redis_url, queue_class="testjobs.PrefixedQueue")
+    request = {"worker": "dead-worker", "queues": ["default"], "requeue": True, "reason": "killed"}
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the recovery child, as the mold forks it
+        code = 1
+        try:
+            mold._recovery_main(settings, request, os.getppid())
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert queue.get_job_ids() == [job.id]
+    assert Queue("default", connection=conn).get_job_ids() == []

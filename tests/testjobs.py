@@ -223,3 +223,9 @@ class QuietSimpleWorker(SimpleWorker):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **{**kwargs, "log_job_description": False})  # type: ignore[arg-type]
+
+
+class PrefixedQueue(Queue):
+    """An app's own queue class, whose queues live under keys of its own."""
+
+    redis_queue_namespace_prefix = "testjobs:queue:"
