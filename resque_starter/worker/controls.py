@@ -57,13 +57,19 @@ class Controls:
         self.stop_requested_at: datetime | None = None  # of a warm shutdown (TERM, QUIT, `rq shutdown`)
         self.paused = paused
         self.worker: Interruptible | None = None
-        self._read = self._write = -1  # the wakeup pipe, made by install()
+        self.installed = False  # our signal handlers (a worker rq's own code built installs them in work())
+        self._read = self._write = -1  # the wakeup pipe, made when first needed
+
+    def _pipe(self) -> tuple[int, int]:
+        if self._read < 0:
+            self._read, self._write = os.pipe()
+            os.set_blocking(self._read, False)
+            os.set_blocking(self._write, False)
+        return self._read, self._write
 
     def install(self) -> None:
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
-        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self.installed = True
+        signal.set_wakeup_fd(self._pipe()[1], warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGQUIT, self._on_stop)
         signal.signal(signal.SIGINT, self._on_quick_stop)
@@ -71,42 +77,37 @@ class Controls:
         signal.signal(signal.SIGUSR2, self._on_pause)
         signal.signal(signal.SIGCONT, self._on_resume)
 
-    @property
-    def installed(self) -> bool:
-        return self._read >= 0
-
     def uninstall_in_child(self) -> None:
         """In a fork of the worker (horse, scheduler): none of this belongs to it."""
-        if not self.installed:
-            return
-        signal.set_wakeup_fd(-1)
-        for signum in _OUR_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        os.close(self._read)
-        os.close(self._write)
-        self._read = self._write = -1
+        if self.installed:
+            self.installed = False
+            signal.set_wakeup_fd(-1)
+            for signum in _OUR_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+        if self._read >= 0:
+            os.close(self._read)
+            os.close(self._write)
+            self._read = self._write = -1
 
     @property
     def wake_fd(self) -> int:
         """Readable once a signal came: what an idle wait selects on besides Redis."""
-        return self._read
+        return self._pipe()[0]
 
     def request_stop(self) -> None:
         """A warm shutdown (TERM, QUIT, or rq's command listener in another thread): the flag, when it
         was asked (rq records that), and a byte in the wakeup pipe, which ends an idle wait at once."""
         self.stop = True
         self.stop_requested_at = self.stop_requested_at or now()
-        if self.installed:
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._write, b"\0")
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._pipe()[1], b"\0")
 
     def wait(self, timeout: float) -> None:
-        """Sleep up to `timeout` seconds; any signal ends it early (once installed)."""
-        select.select([self._read] if self.installed else [], [], [], timeout)
-        if not self.installed:
-            return
+        """Sleep up to `timeout` seconds; any signal ends it early."""
+        read = self._pipe()[0]
+        select.select([read], [], [], timeout)
         with contextlib.suppress(BlockingIOError):
-            while os.read(self._read, 512):
+            while os.read(read, 512):
                 pass
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
