@@ -188,12 +188,29 @@ def drain(run_dir: str, timeout: float, out: Callable[[str], None], group: str |
         time.sleep(0.1)
 
 
+def reload(run_dir: str, timeout: float = 330.0) -> dict[str, Any]:
+    """`ctl reload`: ask for it, then wait until it started a generation (its reply then) or was refused
+    (Refused with the reason). The supervisor reads the config file in a child, never in its loop, so
+    its answer to `reload` only says the reload is under way; `timeout` is past the longest
+    CONFIG_TIMEOUT."""
+    command(run_dir, {"cmd": "reload"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = command(run_dir, {"cmd": "status"})["status"]
+        if not status.get("reloading"):
+            if status.get("reload_error"):
+                raise Refused(f"{status['reload_error']} (the running generation keeps serving)")
+            return {"ok": True, "generation": status["generation"]}
+        time.sleep(0.05)
+    raise ControlError(f"the reload was still reading its configuration after {timeout:.0f}s")
+
+
 # The one line `ctl` prints for each command that changes something, filled from its reply.
 DONE = {
     "scale": "group {group}: {size} worker(s)",
     "pause": "paused {which}: its workers take no new job until ctl resume",
     "resume": "resumed {which}: its workers take jobs again",
-    "reload": "reloading: generation {generation} starts; the serving one serves until it is ready",
+    "reload": "reloading: a new generation starts; the serving one serves until it is ready",
     "stop": "stopping ({stopping}): ctl status shows the workers left",
     "kill-jobs": "kill-jobs: told {workers} worker(s) to kill their running job",
     "kill": "killing job {job} ({worker[job_func]}) on worker {worker[group]}:{worker[slot]} "
