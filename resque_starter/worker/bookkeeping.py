@@ -31,6 +31,7 @@ class ReportingMixin(WorkerBase):
     _counters: list[bytes | None] | None  # read with the end of the last job
     _heartbeat_sent: bool  # with the end of the last job, for rq's loop, which sends one next
     _suspended: bool | None  # read with the end of the last job, for rq's loop's next check
+    _requeued: int  # jobs this worker put back in their queue (quick stop)
 
     def procline(self, message: str) -> None:
         """rq calls this at every step; show resque-starter's title instead of rq's message."""
@@ -53,7 +54,8 @@ class ReportingMixin(WorkerBase):
 
     def _send_busy(self, horse: int | None) -> None:
         running = self._running
-        assert running is not None
+        if running is None:  # rq's code ran prepare_execution or fork_work_horse itself, not execute_job
+            return
         self._context.send(
             {"event": "busy", "job": running.job_id, "func": running.func, "queue": running.queue,
              "horse": horse, "started": running.started}
