@@ -33,7 +33,7 @@ class ReportingMixin(WorkerBase):
     _heartbeat_sent: bool  # with the end of the last job, for rq's loop, which sends one next
     _suspended: bool | None  # read with the end of the last job, for rq's loop's next check
     _totals: tuple[int, int, int]  # done, failed, requeued as of the last idle event
-    _requeued: int
+    _requeued: int  # jobs this worker put back in their queue (quick stop)
     _end_note: str
 
     def procline(self, message: str) -> None:
@@ -57,7 +57,8 @@ class ReportingMixin(WorkerBase):
 
     def _send_busy(self, horse: int | None) -> None:
         running = self._running
-        assert running is not None
+        if running is None:  # rq's code ran prepare_execution or fork_work_horse itself, not execute_job
+            return
         self._context.send(
             {"event": "busy", "job": running.job_id, "func": running.func, "queue": running.queue,
              "horse": horse, "started": running.started, "enqueued": running.enqueued}

@@ -47,13 +47,13 @@ class PreforkHorseMixin(StarterMixin):
     _handed_back: bytes | None = None  # in the worker: the horse's return value, to finish the job with
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
-        super().bootstrap(*args, **kwargs)  # type: ignore[misc]
+        super().bootstrap(*args, **kwargs)
         os.register_at_fork(after_in_child=self._close_in_child)
         self._ensure_spare()
 
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
         self._ensure_spare()  # while the horse runs the job
-        super().monitor_work_horse(job, queue, execution)  # type: ignore[misc]
+        super().monitor_work_horse(job, queue, execution)
         payload, self._handed_back = self._handed_back, None
         if payload is not None:
             serialized, job.started_at = pickle.loads(payload)
@@ -77,7 +77,7 @@ class PreforkHorseMixin(StarterMixin):
         return horse.pid, status, rusage
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
-        finished = super().perform_job(job, queue, execution)  # type: ignore[misc]
+        finished = super().perform_job(job, queue, execution)
         if self._report is not None:
             self._report(DONE)
         return finished
@@ -91,9 +91,10 @@ class PreforkHorseMixin(StarterMixin):
         bookkeeping, when nothing of that runs user code; otherwise (and in the worker) rq's own."""
         payload = self._hand_back(job, return_value) if self._report is not None else None
         if payload is None:
-            super()._finalize_success(job, queue, execution, return_value)  # type: ignore[misc]
+            super()._finalize_success(job, queue, execution, return_value)
             return
         report, self._report = self._report, None
+        assert report is not None  # payload is None without one
         report(payload)
 
     @staticmethod
@@ -146,7 +147,8 @@ class PreforkHorseMixin(StarterMixin):
         self._ensure_spare()
 
     def _start_horse(self, job: Job, queue: Queue) -> None:
-        execution = self.execution  # type: ignore[attr-defined]
+        execution = self.execution
+        assert execution is not None, "prepare_execution ran"
         os.environ["RQ_WORKER_ID"] = self.name
         os.environ["RQ_JOB_ID"] = job.id
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
@@ -239,7 +241,7 @@ class PreforkHorseMixin(StarterMixin):
         self._running = None
         logs.set_job(None)  # a forker forked during a job would pass that job's tags on
         self.executions = {}
-        self.setup_work_horse_signals()  # type: ignore[attr-defined]
+        self.setup_work_horse_signals()
         self._set_title("horse pre-forked, waiting for a job")
 
     def _run_handed_job(self, message: bytes, report: prefork.Report) -> None:
@@ -256,7 +258,7 @@ class PreforkHorseMixin(StarterMixin):
         self._running = Running.of(job, queue.name)
         logs.set_job(job.id, self._running.func, queue.name)
         self._report = report
-        self.main_work_horse(job, queue)  # type: ignore[attr-defined]
+        self.main_work_horse(job, queue)
 
 
 class _BuiltinsOnly(pickle.Unpickler):

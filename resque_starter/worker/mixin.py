@@ -12,17 +12,14 @@ import os
 import signal
 from typing import Any, NoReturn
 
-import redis
 from rq.command import parse_payload
 from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.worker import Worker as ForkingWorker
-from rq.worker import WorkerStatus
 
 from resque_starter import claims, logs, recovery, rq_compat
-from resque_starter.worker.bookkeeping import ReportingMixin
 from resque_starter.worker.controls import (
     KILL_JOB,
     KILL_JOB_REASON,
@@ -37,30 +34,18 @@ from resque_starter.worker.dequeue import ClaimingMixin
 LEFTOVER_REASON = "resque-starter: the worker stopped with this job unfinished"
 
 
-class StarterMixin(ClaimingMixin, ReportingMixin):
+class StarterMixin(ClaimingMixin):
     """resque-starter's behaviour over any rq worker class (`type('StarterWorker', (StarterMixin, cls), {})`).
 
-    Relies on these rq 3.0 BaseWorker hooks: dequeue_job_and_maintain_ttl, execute_job,
-    prepare_execution, fork_work_horse, kill_horse, prepare_job_execution, handle_execution_ended,
-    handle_job_failure, register_birth, teardown, procline, heartbeat, set_state, check_for_suspension.
+    The rq hooks it (and the mixins under it) override, and what else it relies on in rq, are listed in
+    rq_compat, whose contract tests check them against the installed rq.
     """
 
-    # Attributes of rq's BaseWorker this mixin uses, for type checkers.
-    connection: redis.Redis
-    name: str
-    key: str
-    log: logging.Logger
-    queues: list[Queue]
-    _ordered_queues: list[Queue]
-    executions: dict[str, Execution]
-    job_class: type[Job]
-    queue_class: type[Queue]
-    serializer: Any
-    last_heartbeat: Any
-    horse_pid: int
-    is_horse: bool
-
-    def __init__(self, *args: Any, context: Context, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, context: Context | None = None, **kwargs: Any) -> None:
+        """`context` is run_worker's; rq's own code (Worker.find_by_key, all()) builds the class without
+        one, and so may a script: then it works as a worker with no supervisor (Context.detached)."""
+        if context is None:
+            context = Context.detached()
         self._context = context
         self._controls = context.controls
         self._running: Running | None = None
@@ -77,9 +62,12 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         self._heartbeat_sent = False  # with the end of the last job, for rq's loop, which sends one next
         self._suspended: bool | None = None  # read with the end of the last job, for rq's loop's next check
         self._totals = (0, 0, 0)  # a worker's counters in Redis start at zero: its name is new
+        self._shutdown_recorded = False
         super().__init__(*args, **kwargs)
         self._claim_first = claims.claim_script(self.connection)
         self.log.addFilter(self._quiet_quick_stop)
+        if context.status is None:
+            context.queues, context.label = tuple(self.queue_names()), self.name
 
     # rq's work loop reads and writes this flag; ours is the single source of truth, and a stop once
     # requested is never withdrawn (BaseWorker.__init__ assigns False).
@@ -92,7 +80,11 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         self._controls.stop = self._controls.stop or value
 
     def _install_signal_handlers(self) -> None:
-        """run_worker installed our handlers before connecting to Redis; keep them."""
+        """run_worker installed our handlers before connecting to Redis; keep them. A worker with no
+        supervisor installs them here, where rq installs its own."""
+        if not self._controls.installed:
+            self._controls.worker = self
+            self._controls.install()
 
     def handle_payload(self, message: Any) -> None:
         """rq's `shutdown` command sends SIGINT to the worker, which here means a quick stop; make it
@@ -103,6 +95,8 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         if payload.get("command") == "shutdown":
             self.log.info("Worker %s: shutdown command received, stopping after the current job", self.name)
             self._controls.request_stop()
+            if self._running is not None:
+                self._record_shutdown_request()
             return
         super().handle_payload(message)
         if (
@@ -125,6 +119,7 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
             # what it loads lazily (imports, caches) stays here, and so in the mold this may become
             self._in_process = self._jobs_done + 1 == refork_after
             super().execute_job(job, queue)
+            self._record_shutdown_request()
         except BaseException:
             logs.set_job(None)
             raise
@@ -147,15 +142,9 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         return isinstance(self, ForkingWorker) and not self._in_process
 
     def prepare_execution(self, job: Job) -> Execution:
-        """rq's prepare_execution, plus removing the job from the claim list in the same transaction:
-        from here on the execution (StartedJobRegistry, worker executions) is what names the job."""
-        with self.connection.pipeline() as pipeline:
-            ttl = self.get_heartbeat_ttl(job)
-            execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=self.name)
-            self.executions[execution.id] = execution
-            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
-            pipeline.lrem(claims.claim_key(self.name, job.origin), 1, job.id)
-            pipeline.execute()
+        """rq's, whose transaction also takes the job out of its claim list (see ClaimingMixin.set_state),
+        then the title and, for a job run in this process, the busy event."""
+        execution = super().prepare_execution(job)
         self.procline("busy")
         if not self._forks:
             self._send_busy(horse=None)
@@ -177,9 +166,12 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         """In a fresh work-horse: freeze what it inherited from the worker, so collections in the job
         (the interpreter's, or the gc.collect() many libraries call) examine, and copy, only what the
-        job allocates. The worker itself stays unfrozen: its own garbage is still collected there."""
+        job allocates. The worker itself stays unfrozen: its own garbage is still collected there. A
+        worker with no supervisor has no at-fork hook to give up its signal handlers: done here."""
         gc.freeze()
-        super().main_work_horse(job, queue)  # type: ignore[misc]
+        if self._context.status is None:
+            self._context.release()
+        super().main_work_horse(job, queue)
 
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
         if not self._in_process:  # nothing to monitor when the job ran in fork_work_horse
@@ -199,7 +191,16 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
 
     def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
         super().maintain_heartbeats(job, execution)
+        self._record_shutdown_request()
         self.procline("busy")  # refresh the elapsed time in the title
+
+    def _record_shutdown_request(self) -> None:
+        """rq writes, in its signal handler, when a warm shutdown was requested during a job; ours only
+        set flags, so the worker writes it at its next step (its monitor's next turn, or the job's end)."""
+        when = self._controls.stop_requested_at
+        if when is not None and not self._shutdown_recorded:
+            self._shutdown_recorded = True
+            rq_compat.record_shutdown_request(self, when)
 
     def kill_horse(self, sig: signal.Signals = signal.SIGKILL) -> None:
         """rq kills the horse's process group, but a horse that has not yet run its os.setpgrp() is
