@@ -11,6 +11,7 @@ over its socketpair as the workers' do (protocol.py):
 - {"event": "redis", "ok": bool}: every PROBE_INTERVAL; readiness, and the agent's heartbeat
 - {"event": "swept"}: once, when every lease due at its start (and its predecessor's) is settled
 - {"event": "settled", "pod": id, "counts": {...}}: it settled a dead pod's jobs
+- {"event": "queues", "queues": {name: {...}}}: every queue_gauges.INTERVAL, the pod's queue gauges
 - {"event": "lease-lost", "by": id}: another pod took this pod's lease over; the agent then exits
 - {"event": "released"}: after {"op": "release"}, the lease is removed; the agent then exits
 
@@ -33,7 +34,7 @@ from typing import Any
 import redis
 from setproctitle import setproctitle
 
-from resque_starter import logs, orphans, protocol
+from resque_starter import logs, orphans, protocol, queue_gauges
 from resque_starter.config import Settings
 from resque_starter.connection import connect, mask_url
 from resque_starter.lease import Leases, Taken
@@ -102,7 +103,12 @@ class Agent:
         self._inbox = protocol.LineBuffer()
         self._incoming: dict[str, list[str]] = {}
         self.refresh = Duty(settings.lease_ttl / 3, self._refresh)
-        self.duties = [self.refresh, Duty(PROBE_INTERVAL, self._probe)]
+        self.queues = list(dict.fromkeys(q for group in settings.groups for q in group.queues))
+        self.duties = [
+            self.refresh,
+            Duty(PROBE_INTERVAL, self._probe),
+            Duty(queue_gauges.INTERVAL, self._gauges),
+        ]
 
     def run(self) -> None:
         try:
@@ -213,6 +219,10 @@ class Agent:
             self.swept = True
             self.predecessor = ""
             self.send({"event": "swept"})
+
+    def _gauges(self) -> None:
+        """The pod's queues: waiting, the oldest waiting job's age, started (queue_gauges)."""
+        self.send({"event": "queues", "queues": queue_gauges.read(self.leases.connection, self.queues)})
 
     def send(self, message: dict[str, Any]) -> None:
         try:

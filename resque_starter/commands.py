@@ -54,6 +54,9 @@ class Supervised(Protocol):
     def job_stats(self) -> dict[str, Any]:
         """The job metrics' histograms (job_stats.JobStats.snapshot)."""
 
+    def demand(self) -> dict[str, Any] | None:
+        """queue_gauges.demand from the agent's last report; None without a recent one."""
+
     def health(self, check: str) -> Reply: ...
 
 
@@ -118,6 +121,13 @@ def _status(sup: Supervised, request: Request) -> Reply:
 
 def _job_stats(sup: Supervised, request: Request) -> Reply:
     return {"ok": True, "job_stats": sup.job_stats()}
+
+
+def _demand(sup: Supervised, request: Request) -> Reply:
+    demand = sup.demand()
+    if demand is None:
+        raise Refused("no recent queue report from the agent (is Redis reachable?)")
+    return {"ok": True, **demand}
 
 
 def _mem(sup: Supervised, request: Request) -> Reply:
@@ -195,6 +205,7 @@ def _kill(sup: Supervised, request: Request) -> Reply:
 COMMANDS: dict[str, Callable[[Supervised, Request], Reply]] = {
     "status": _status,
     "job-stats": _job_stats,
+    "demand": _demand,
     "mem": _mem,
     "health": _health,
     "scale": _scale,

@@ -101,7 +101,10 @@ class MetricsServer(Listener[_Client]):
             from prometheus_client import generate_latest
 
             return 200, (TEXT_FORMAT, generate_latest(self._registry))
-        return 404, _error("not found; try /healthz, /readyz or /metrics")
+        if path == b"/scale":  # KEDA's metrics-api scaler: {"desired_pods": N, ...}
+            result = self._dispatch({"cmd": "demand"})
+            return (200 if result.pop("ok") else 503), _json(result)
+        return 404, _error("not found; try /healthz, /readyz, /metrics or /scale")
 
 
 def _json(value: dict[str, Any]) -> tuple[str, bytes]:
@@ -186,7 +189,31 @@ class _Collector:
                 pss.add_metric(row, w["pss"])
         yield uss
         yield pss
+        yield from _queue_metrics(status["queues"] or {})
         yield from _job_metrics(self._dispatch({"cmd": "job-stats"})["job_stats"])
+
+
+def _queue_metrics(rows: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    """The agent's last queue gauges (none while it has no recent report: absent, not stale)."""
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
+    for key, name, text in (
+        ("waiting", "queue_jobs_waiting", "Jobs waiting in each of the pod's queues."),
+        (
+            "oldest_age",
+            "queue_oldest_job_age_seconds",
+            "How long the oldest waiting job of each queue has waited.",
+        ),
+        (
+            "started",
+            "queue_jobs_started",
+            "Jobs started and not ended on each queue, by every pod (rq's StartedJobRegistry).",
+        ),
+    ):
+        family = GaugeMetricFamily(f"resque_starter_{name}", text, labels=["queue"])
+        for queue, row in rows.items():
+            family.add_metric([queue], row[key] or 0)
+        yield family
 
 
 def _job_metrics(stats: dict[str, Any]) -> Iterator[Metric]:

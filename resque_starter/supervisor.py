@@ -32,6 +32,7 @@ from resque_starter import (
     loader,
     procmem,
     protocol,
+    queue_gauges,
     rundir,
 )
 from resque_starter.config import (
@@ -131,6 +132,7 @@ class Supervisor:
         self.reloads = 0
         self.jobs = dict.fromkeys(JOB_COUNTERS, 0)
         self.job_metrics = JobStats()  # from the workers' busy and idle events
+        self.queue_report: tuple[dict[str, dict[str, Any]], float] | None = None  # the agent's, and when
         self._seq = 0
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
@@ -1270,6 +1272,8 @@ class Supervisor:
                 self.swept = True
             elif event == "settled":
                 self.settled_pods += 1
+            elif event == "queues" and (rows := queue_gauges.valid(message.get("queues"))) is not None:
+                self.queue_report = (rows, a.seen)
             elif event == "lease-lost":
                 self._on_lease_lost(str(message.get("by")))
 
@@ -1353,6 +1357,7 @@ class Supervisor:
             "restarts": self.restarts,
             "reloads": self.reloads,
             "jobs": dict(self.jobs),
+            "queues": self.queues(),
             "redis_url": config.mask_url(self.settings.redis_url or ""),
             "app": list(self.settings.app),
             "agent": {
@@ -1366,6 +1371,17 @@ class Supervisor:
 
     def job_stats(self) -> dict[str, Any]:
         return self.job_metrics.snapshot()
+
+    def queues(self) -> dict[str, dict[str, Any]] | None:
+        """The agent's last queue gauges, or None when it has sent none lately (queue_gauges.STALE)."""
+        if self.queue_report is None or time.monotonic() - self.queue_report[1] > queue_gauges.STALE:
+            return None
+        return self.queue_report[0]
+
+    def demand(self) -> dict[str, Any] | None:
+        """Pods wanted for the jobs waiting and running on the pod's queues, at this pod's worker count."""
+        rows = self.queues()
+        return None if rows is None else queue_gauges.demand(rows, sum(self.sizes))
 
     def health(self, check: str) -> dict[str, Any]:
         """live: the loop answers and a mold serves; ready: also not stopping, a worker registered with rq

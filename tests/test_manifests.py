@@ -27,8 +27,13 @@ K8S_VERSION = "1.30.0"
 CORE_KINDS = {"ConfigMap", "Deployment", "PodDisruptionBudget"}
 CORE_API_VERSIONS = {"v1", "apps/v1", "policy/v1"}
 # What `kubectl apply -k DIR` applies, for every kustomization a user is told to apply.
-LAYOUTS = {"k8s": K8S, "k8s/with-keda": K8S / "with-keda", "k8s/idle-pods-first": K8S / "idle-pods-first",
-           "examples/k8s": ROOT / "examples" / "k8s"}  # fmt: skip
+LAYOUTS = {
+    "k8s": K8S,
+    "k8s/with-keda": K8S / "with-keda",
+    "k8s/with-keda-demand": K8S / "with-keda-demand",
+    "k8s/idle-pods-first": K8S / "idle-pods-first",
+    "examples/k8s": ROOT / "examples" / "k8s",
+}
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "components", "images", "patches"}
 
 
@@ -449,3 +454,25 @@ def test_the_pod_deletion_cost_component_grants_patch_on_pods_to_the_pods_servic
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
     assert env("k8s/idle-pods-first")["RESQUE_STARTER_POD_DELETION_COST"] == "true"
     assert "RESQUE_STARTER_POD_DELETION_COST" not in env("k8s/with-keda"), "off unless the component is added"
+
+
+def test_the_keda_demand_component_scales_on_the_scaling_endpoint_through_a_service() -> None:
+    """k8s/with-keda-demand: KEDA's metrics-api trigger on GET /scale of the pods' metrics port."""
+    layout = "k8s/with-keda-demand"
+    kubernetes_validate = require("kubernetes_validate", "kubernetes-validate")
+    service = one("Service", layout)
+    kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+    pods = one("Deployment", layout)["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"] == pods
+    port = int(env(layout)["RESQUE_STARTER_METRICS_PORT"])
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(port, port)]
+    scaled = one("ScaledObject", layout)
+    assert scaled["spec"]["scaleTargetRef"]["name"] == one("Deployment", layout)["metadata"]["name"]
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "metrics-api" and trigger["metricType"] == "AverageValue"
+    url = trigger["metadata"]["url"]
+    assert url.startswith(f"http://{service['metadata']['name']}.") and url.endswith(f":{port}/scale"), url
+    assert (
+        trigger["metadata"]["valueLocation"] == "desired_pods" and trigger["metadata"]["targetValue"] == "1"
+    )
+    assert "RESQUE_STARTER_METRICS_PORT" not in env("k8s"), "the base stays without the endpoint"
