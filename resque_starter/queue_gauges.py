@@ -36,7 +36,7 @@ def read(connection: redis.Redis, queues: list[str]) -> dict[str, dict[str, Any]
             pipe.lindex(key, 0)
             pipe.zcard(StartedJobRegistry(name, connection=connection).key)
         replies = pipe.execute()
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     heads = {}
     for i, name in enumerate(queues):
         waiting, head, started = replies[3 * i : 3 * i + 3]

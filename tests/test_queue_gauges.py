@@ -30,6 +30,13 @@ def scale(port: int) -> tuple[int, dict[str, Any]]:
     return code, json.loads(body)
 
 
+def wait_scale(port: int, desired: int, waiting: int, running: int) -> None:
+    """Until /scale answers these numbers, for 2 workers a pod on default and low."""
+    expected = {"desired_pods": desired, "waiting": waiting, "running": running, "capacity_per_pod": 2,
+                "queues": ["default", "low"]}  # fmt: skip
+    wait_for(lambda: scale(port) == (200, expected), 15, what=f"/scale to say {expected}")
+
+
 def test_gauges_and_the_scaling_endpoint_follow_waiting_and_running_jobs(start, conn) -> None:
     port = free_port()
     s = start(RESQUE_STARTER_METRICS_PORT=str(port), RESQUE_STARTER_QUEUES="default,low")
@@ -41,14 +48,7 @@ def test_gauges_and_the_scaling_endpoint_follow_waiting_and_running_jobs(start, 
     default.enqueue("testjobs.noop")
     slow = [low.enqueue("testjobs.sleep_then_record", 6) for _ in range(3)]
 
-    expected = {
-        "desired_pods": 3,
-        "waiting": 5,
-        "running": 0,
-        "capacity_per_pod": 2,
-        "queues": ["default", "low"],
-    }
-    wait_for(lambda: scale(port) == (200, expected), 15, what=f"/scale to say {expected}")
+    wait_scale(port, desired=3, waiting=5, running=0)
     rows = s.status()["queues"]
     assert rows["default"]["waiting"] == 2 and rows["low"]["waiting"] == 3
     assert rows["default"]["oldest_age"] >= 1.5 and rows["low"]["oldest_age"] < rows["default"]["oldest_age"]
@@ -60,27 +60,13 @@ def test_gauges_and_the_scaling_endpoint_follow_waiting_and_running_jobs(start, 
 
     ok(s.run_dir, "resume")  # the no-ops run, then two of the slow jobs: one waits
     wait_for(lambda: first.get_status(refresh=True) == "finished", 20, what="the first job to run")
-    expected = {
-        "desired_pods": 2,
-        "waiting": 1,
-        "running": 2,
-        "capacity_per_pod": 2,
-        "queues": ["default", "low"],
-    }
-    wait_for(lambda: scale(port) == (200, expected), 15, what=f"/scale to say {expected}")
+    wait_scale(port, desired=2, waiting=1, running=2)
     samples = scrape(port)
     assert sample(samples, "resque_starter_queue_jobs_started", queue="low") == 2
     assert sample(samples, "resque_starter_queue_jobs_waiting", queue="default") == 0
     assert sample(samples, "resque_starter_queue_oldest_job_age_seconds", queue="default") == 0
     wait_for(lambda: all(j.get_status(refresh=True) == "finished" for j in slow), 60, what="the slow jobs")
-    expected = {
-        "desired_pods": 0,
-        "waiting": 0,
-        "running": 0,
-        "capacity_per_pod": 2,
-        "queues": ["default", "low"],
-    }
-    wait_for(lambda: scale(port) == (200, expected), 15, what="/scale to say no pod is needed")
+    wait_scale(port, desired=0, waiting=0, running=0)
 
 
 def test_a_bad_or_missing_report_is_not_served() -> None:
