@@ -32,7 +32,11 @@ class Supervised(Protocol):
     @property
     def stop_level(self) -> StopLevel | None: ...
 
-    def scale(self, group: str, size: int) -> None: ...
+    def scale(self, group: str, size: int) -> None:
+        """A fixed size (it turns the group's autoscale off)."""
+
+    def shift_autoscale(self, group: str, delta: int) -> tuple[int, int] | None:
+        """Move an autoscaling group's MIN:MAX; None when the group does not autoscale."""
 
     def set_intake(self, intake: Intake, group: str | None) -> None: ...
 
@@ -152,6 +156,11 @@ def _scale(sup: Supervised, request: Request) -> Reply:
         value = int(text)
     except ValueError:
         raise Refused(f"scale takes N, +N or -N, not {n!r}") from None
+    if text[:1] in "+-":
+        _not_stopping(sup)
+        window = sup.shift_autoscale(name, value)
+        if window is not None:
+            return {"ok": True, "group": name, "autoscale": list(window)}
     size = sizes[name] + value if text[:1] in "+-" else value
     if size < 0:
         raise Refused(f"scale {text} would make {size} workers; the least is 0")

@@ -98,6 +98,9 @@ class Settings:
     refork_after: int | None = None
     prefork_horse: bool = False
     metrics_port: int | None = None
+    autoscale: tuple[int, int] | None = None
+    autoscale_wait: float = 1.0
+    autoscale_cooldown: float = 60.0
     pod_deletion_cost: bool = False
     pod_deletion_cost_interval: float = 10.0
     lease_ttl: float = 15.0
@@ -277,6 +280,24 @@ SETTINGS = (
         "max_requeues",
         kinds.whole(0, 1000),
         "how often one job may be requeued that way before it is failed with a reason",
+        _WORK,
+    ),
+    Setting(
+        "autoscale",
+        kinds.off(kinds.window(MAX_GROUP_SIZE)),
+        "MIN:MAX: the first group's workers grow while its jobs wait and shrink when idle",
+        _WORK,
+    ),
+    Setting(
+        "autoscale_wait",
+        kinds.duration(3600, allow_zero=True),
+        "autoscale grows while the oldest waiting job has waited longer than this",
+        _WORK,
+    ),
+    Setting(
+        "autoscale_cooldown",
+        kinds.duration(86400, allow_zero=False),
+        "autoscale stops one idle worker after nothing waited for this long",
         _WORK,
     ),
     Setting(

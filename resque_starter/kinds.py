@@ -137,6 +137,24 @@ def size(maximum_tib: int) -> Kind:
     return Kind(text, parse)
 
 
+def window(maximum: int) -> Kind:
+    """MIN:MAX worker counts, 0 <= MIN <= MAX <= maximum and MAX >= 1 (RESQUE_STARTER_AUTOSCALE)."""
+    text = f"MIN:MAX, whole numbers with 0 <= MIN <= MAX <= {maximum} and MAX >= 1, such as 2:8"
+
+    def parse(value: object) -> tuple[int, int]:
+        if isinstance(value, tuple | list) and len(value) == 2:  # (2, 8) from a config file
+            value = ":".join(map(str, value))
+        parts = value.split(":") if isinstance(value, str) else []
+        if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) < 8 for p in parts):
+            raise Invalid(text)
+        low, high = int(parts[0]), int(parts[1])
+        if not 0 <= low <= high <= maximum or high < 1:
+            raise Invalid(text)
+        return low, high
+
+    return Kind(text, parse, format=lambda v: f"{v[0]}:{v[1]}")
+
+
 def off(kind: Kind) -> Kind:
     """Accept `off` too (None), for the knobs that are off by default."""
     text = f"{kind.allowed}, or off"

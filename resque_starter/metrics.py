@@ -190,6 +190,15 @@ class _Collector:
         yield uss
         yield pss
         yield from _queue_metrics(status["queues"] or {})
+        window = GaugeMetricFamily(
+            "resque_starter_autoscale_workers",
+            "RESQUE_STARTER_AUTOSCALE's window (bound: min, max) for the first group; absent when off.",
+            labels=["bound"],
+        )
+        if status["autoscale"] is not None:
+            for bound in ("min", "max"):
+                window.add_metric([bound], status["autoscale"][bound])
+        yield window
         yield from _job_metrics(self._dispatch({"cmd": "job-stats"})["job_stats"])
 
 

@@ -35,6 +35,7 @@ from resque_starter import (
     queue_gauges,
     rundir,
 )
+from resque_starter.autoscale import Autoscaler
 from resque_starter.config import (
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -133,6 +134,11 @@ class Supervisor:
         self.jobs = dict.fromkeys(JOB_COUNTERS, 0)
         self.job_metrics = JobStats()  # from the workers' busy and idle events
         self.queue_report: tuple[dict[str, dict[str, Any]], float] | None = None  # the agent's, and when
+        self.autoscaler = (
+            Autoscaler(*settings.autoscale, settings.autoscale_wait, settings.autoscale_cooldown)
+            if settings.autoscale is not None
+            else None
+        )
         self._seq = 0
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
@@ -405,8 +411,53 @@ class Supervisor:
         return drained or self.stop_level == StopLevel.GRACEFUL
 
     def scale(self, group: str, size: int) -> None:
-        self.sizes[[g.name for g in self.settings.groups].index(group)] = size
+        index = [g.name for g in self.settings.groups].index(group)
+        if index == 0 and self.autoscaler is not None:
+            self.autoscaler = None
+            log.info("autoscale off: group %s has a fixed size now", group)
+        self.sizes[index] = size
         log.info("group %s: %d worker(s)", group, size)
+
+    def shift_autoscale(self, group: str, delta: int) -> tuple[int, int] | None:
+        """TTIN/TTOU (scale +N/-N) while autoscaling: move MIN:MAX by delta; None when `group` does not
+        autoscale (then the command scales it as usual)."""
+        scaler = self.autoscaler
+        if scaler is None or group != self.settings.groups[0].name:
+            return None
+        low, high = scaler.low + delta, scaler.high + delta
+        if low < 0 or high < 1 or high > config.MAX_GROUP_SIZE:
+            raise commands.Refused(
+                f"autoscale {scaler.low}:{scaler.high} {delta:+d} leaves 0..{config.MAX_GROUP_SIZE}"
+            )
+        scaler.window(low, high)
+        log.info("autoscale: group %s: %d:%d worker(s)", group, low, high)
+        return low, high
+
+    def _converge_autoscale(self) -> None:
+        """The first group's size from its backlog (autoscale.py); the slot loop forks or stops workers."""
+        scaler = self.autoscaler
+        if scaler is None or self.paused:
+            return
+        group = self.settings.groups[0]
+        rows = self.queues()
+        mine = None if rows is None else [rows[q] for q in group.queues if q in rows]
+        waiting = None if mine is None else sum(r["waiting"] for r in mine)
+        oldest = max((r["oldest_age"] for r in mine or [] if r["oldest_age"] is not None), default=None)
+        idle = sum(w.spec.group == 0 and w.state == WorkerState.IDLE for w in self.workers.values())
+        size = scaler.decide(time.monotonic(), self.sizes[0], oldest, waiting, idle, self._fits)
+        if size != self.sizes[0]:
+            log.info("autoscale: group %s: %d -> %d worker(s)", group.name, self.sizes[0], size)
+            self.sizes[0] = size
+
+    def _fits(self, first_group: int) -> bool:
+        """Whether the workers, with `first_group` in the first group, fit the container's memory, by the
+        estimate the start-up check logs (the serving mold's cost per worker against the cgroup limit)."""
+        mold = self.molds.get(self.serving_generation)
+        own, app = procmem.read(), procmem.read(mold.pid) if mold is not None else None
+        if own is None or app is None:
+            return True
+        workers = sum(self.sizes) - self.sizes[0] + first_group
+        return procmem.fit(workers, own.uss, app.uss, cgroups.memory_limit(), cgroups.cpu_quota())[0]
 
     def kill_jobs(self) -> int:
         """USR1: every worker kills its running job; workers go on."""
@@ -513,6 +564,7 @@ class Supervisor:
             return
         self._converge_agent()
         if self.stop_level is None:
+            self._converge_autoscale()
             self._converge_slots()
             self._converge_refork()
         else:
@@ -1358,6 +1410,15 @@ class Supervisor:
             "reloads": self.reloads,
             "jobs": dict(self.jobs),
             "queues": self.queues(),
+            "autoscale": None
+            if self.autoscaler is None
+            else {
+                "group": self.settings.groups[0].name,
+                "min": self.autoscaler.low,
+                "max": self.autoscaler.high,
+                "wait": self.settings.autoscale_wait,
+                "cooldown": self.settings.autoscale_cooldown,
+            },
             "redis_url": config.mask_url(self.settings.redis_url or ""),
             "app": list(self.settings.app),
             "agent": {
