@@ -11,10 +11,11 @@ import sys
 import pytest
 from rq import Queue
 from rq.registry import FailedJobRegistry
+from test_job_metrics import sample, scrape
 
 from resque_starter.autoscale import STEP, Autoscaler
 
-from conftest import wait_for
+from conftest import free_port, wait_for
 from starter import ROOT, base_env, ok
 
 
@@ -24,10 +25,15 @@ def start(starters, redis_url, run_dir, conn):  # type: ignore[no-untyped-def]
 
 
 def test_grows_under_a_backlog_up_to_max_and_shrinks_after_the_cool_down(start, conn) -> None:
-    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_AUTOSCALE="1:3",
-              RESQUE_STARTER_AUTOSCALE_WAIT="0.3", RESQUE_STARTER_AUTOSCALE_COOLDOWN="3")  # fmt: skip
+    port = free_port()
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_METRICS_PORT=str(port),
+              RESQUE_STARTER_AUTOSCALE="1:3", RESQUE_STARTER_AUTOSCALE_WAIT="0.3",
+              RESQUE_STARTER_AUTOSCALE_COOLDOWN="3")  # fmt: skip
     s.wait_workers(1)
     assert s.status()["autoscale"] == {"group": "default", "min": 1, "max": 3, "wait": 0.3, "cooldown": 3.0}
+    samples = scrape(port)
+    assert sample(samples, "resque_starter_autoscale_workers", bound="min") == 1
+    assert sample(samples, "resque_starter_autoscale_workers", bound="max") == 3
     jobs = [Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 1.5) for _ in range(10)]
     sizes: list[int] = []
 
