@@ -146,11 +146,13 @@ def _import_app(settings: Settings) -> tuple[int, str] | None:
 def _warm_worker_path(settings: Settings) -> None:
     """Load here, before the freeze, what every worker would otherwise load for itself after the fork:
     the worker module, what rq's first job builds lazily (datetime.strptime's module and caches, the
-    resource module os.wait4 imports), and what a Redis client's first use imports."""
+    resource module os.wait4 imports), and what a Redis client's first use imports. The agent's module
+    too: a mold forks a new agent whenever one dies, and it is small."""
     import resource  # noqa: F401
 
     from rq.utils import now, str_to_date, utcformat
 
+    import resque_starter.agent
     import resque_starter.worker
 
     str_to_date(utcformat(now()))
@@ -262,7 +264,7 @@ def _promoted(settings: Settings, generation: int, sock: socket.socket) -> NoRet
 
 
 def _agent_main(settings: Settings, request: dict[str, object], status_fd: int, supervisor: int) -> None:
-    from resque_starter.agent import run_agent
+    from resque_starter.agent import run_agent  # loaded before the freeze (_warm_worker_path)
 
     run_agent(settings, request, status_fd, supervisor)
 

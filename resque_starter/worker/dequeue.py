@@ -164,14 +164,23 @@ class ClaimingMixin(ReportingMixin):
             self.heartbeat(pipeline=pipeline)
         super().set_state(state, pipeline)
 
+    def subscribe(self) -> None:
+        """rq's command listener takes a connection of the pool for good; then the connections the idle
+        waits use are made, all at start-up (their count is then the worker's for its whole life)."""
+        super().subscribe()
+        self._idle_waiter().prepare(len(self.queues))
+
+    def _idle_waiter(self) -> IdleWait:
+        if self._idle_wait is None:
+            self._idle_wait = IdleWait(self.connection, self._controls.wake_fd)
+        return self._idle_wait
+
     def _wait_for_job(self, ordered: list[Queue]) -> tuple[str, str, None] | None:
         """Block on every queue at once (see idle_wait) for up to CLAIM_POLL_SECONDS, shorter when a
         heartbeat or a recycle by lifetime is due sooner; a job comes already moved into this
         worker's claim list."""
-        if self._idle_wait is None:
-            self._idle_wait = IdleWait(self.connection, self._controls.wake_fd)
         names = [queue.name for queue in ordered]
-        won = self._idle_wait.wait(
+        won = self._idle_waiter().wait(
             [queue.key for queue in ordered],
             [claims.claim_key(self.name, name) for name in names],
             min(CLAIM_POLL_SECONDS, self.dequeue_timeout, self._until_recycle()),

@@ -1,0 +1,185 @@
+"""Converging the workers toward the desired state: which generation serves, slots filled and
+emptied, a stop escalated on its deadline, pause and resume, recoveries handed to a mold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+from resque_starter import cgroups, procmem
+from resque_starter.config import EXIT_INTERRUPTED, EXIT_OK
+from resque_starter.process_table import Worker
+from resque_starter.states import Intake, StopLevel, WorkerState
+from resque_starter.supervisor.state import MAX_SPAWNS_IN_FLIGHT, STOP_REPORT_EVERY, SupervisorState, log
+
+
+class Converge(SupervisorState):
+    def _update_serving(self) -> None:
+        """The current generation serves once its mold is ready and every worker is its own and ready."""
+        mold = self.molds.get(self.generation)
+        if mold is None or not mold.ready or self.serving_generation == self.generation:
+            return
+        if (self.workers or not sum(self.sizes)) and all(
+            w.ready and w.spec.generation == self.generation for w in self.workers.values()
+        ):
+            log.info("generation %d is serving", self.generation)
+            self.serving_generation = self.generation
+
+    def _converge_autoscale(self) -> None:
+        """The first group's size from its backlog (autoscale.py); the slot loop forks or stops workers."""
+        scaler = self.autoscaler
+        if scaler is None or self.paused:
+            return
+        group = self.settings.groups[0]
+        rows = self.queues()
+        mine = None if rows is None else [rows[q] for q in group.queues if q in rows]
+        waiting = None if mine is None else sum(r["waiting"] for r in mine)
+        oldest = max((r["oldest_age"] for r in mine or [] if r["oldest_age"] is not None), default=None)
+        idle = sum(w.spec.group == 0 and w.state == WorkerState.IDLE for w in self.workers.values())
+        size = scaler.decide(time.monotonic(), self.sizes[0], oldest, waiting, idle, self._fits)
+        if size != self.sizes[0]:
+            log.info("autoscale: group %s: %d -> %d worker(s)", group.name, self.sizes[0], size)
+            self.sizes[0] = size
+
+    def _fits(self, first_group: int) -> bool:
+        """Whether the workers, with `first_group` in the first group, fit the container's memory, by the
+        estimate the start-up check logs (the serving mold's cost per worker against the cgroup limit)."""
+        mold = self.molds.get(self.serving_generation)
+        own, app = procmem.read(), procmem.read(mold.pid) if mold is not None else None
+        if own is None or app is None:
+            return True
+        workers = sum(self.sizes) - self.sizes[0] + first_group
+        return procmem.fit(workers, own.uss, app.uss, cgroups.memory_limit(), cgroups.cpu_quota())[0]
+
+    def _converge_slots(self) -> None:
+        mold = self.molds.get(self.generation)
+        now = time.monotonic()
+        limit = sum(self.sizes) + self.settings.reload_surge
+        for w in list(self.workers.values()):
+            if not w.stopping and (
+                w.spec.group >= len(self.sizes) or w.spec.slot >= self.sizes[w.spec.group]
+            ):
+                self._stop_worker(w, StopLevel.GRACEFUL, "scale down")
+        if mold is None or not mold.ready:
+            return
+        for group, size in enumerate(self.sizes):
+            for slot in range(size):
+                occupants = [w for w in self.workers.values() if w.key == (group, slot) and not w.stopping]
+                current = [w for w in occupants if w.spec.generation == self.generation]
+                old = [w for w in occupants if w.spec.generation != self.generation]
+                if current:
+                    if current[0].ready:
+                        for w in old:
+                            replaced = f"replaced by generation {self.generation}"
+                            self._stop_worker(w, StopLevel.GRACEFUL, replaced)
+                    continue
+                if self.backoff.get((group, slot), (0, 0.0))[1] > now:
+                    continue
+                if old and len(self.workers) >= limit:
+                    continue
+                if mold.hung or len(mold.pending) >= MAX_SPAWNS_IN_FLIGHT:
+                    return  # the rest when it has answered
+                self._spawn(mold, group, slot)
+
+    def _converge_stop(self) -> None:
+        assert self.stop_level is not None and self.stop_deadline is not None
+        now = time.monotonic()
+        if now >= self.stop_deadline and self.stop_level < StopLevel.KILL and self.workers:
+            if self.stop_level == StopLevel.GRACEFUL:
+                log.warning(
+                    "the drain ran out of time (RESQUE_STARTER_DRAIN_TIMEOUT=%gs) with %s: interrupting them",
+                    self.settings.drain_timeout,
+                    self._still_running(),
+                )
+            else:
+                log.warning("stop deadline passed with %s; killing them", self._still_running())
+            self.request_stop(self.stop_level.escalated())
+        elif self.workers and now >= self._stop_report_at:
+            self._stop_report_at = now + STOP_REPORT_EVERY
+            left = self.stop_deadline - now
+            log.info(
+                "stopping (%s): waiting for %s; %.0fs left",
+                self.stop_level.label,
+                self._still_running(),
+                left,
+            )
+        for w in self.workers.values():
+            if w.stop_level is None or w.stop_level < self.stop_level:
+                self._stop_worker(w, self.stop_level, "shutdown")
+        if not self.workers and self.recoveries and time.monotonic() >= self.stop_deadline:
+            self._abandon_recoveries()
+        if not self.workers and not self.recoveries and self._lease_released():
+            self.exit_code = self._pending_exit or (EXIT_INTERRUPTED if self.interrupted else EXIT_OK)
+
+    def _still_running(self) -> str:
+        """What a stop waits for, in words: workers, and the jobs they run."""
+        jobs = [str(w.job.get("job")) for w in self.workers.values() if w.state == WorkerState.BUSY and w.job]
+        shown = f" ({', '.join(jobs[:10])}{', ...' if len(jobs) > 10 else ''})" if jobs else ""
+        return f"{len(self.workers)} worker(s), {len(jobs)} running job(s){shown}"
+
+    def _abandon_recoveries(self) -> None:
+        """A stop is bounded by its deadline even when a recovery still waits for Redis: rq's own
+        maintenance will find those jobs (after its abandoned-job timeout) instead."""
+        for r in self.recoveries.values():
+            log.error("stop deadline passed: gave up recovering the jobs of dead worker %s; the pod's lease "
+                      "still names it, so another pod settles them once it expires", r.worker)  # fmt: skip
+            if r.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(r.pid, signal.SIGKILL)
+        self.recoveries.clear()
+        self.interrupted = True
+        if self.agent is not None:  # the lease must expire, not be released
+            self._kill_agent(self.agent)
+
+    def _holds_intake(self, group: str) -> bool:
+        """A group's workers take no job while it is paused, nor before the expired leases found at start
+        are settled (so a dead pod's jobs, requeued at the front, run first)."""
+        return not self.swept or self._intake_of(group) is not Intake.OPEN
+
+    def _converge_pause(self) -> None:
+        for w in self.workers.values():
+            paused = self._holds_intake(w.group)
+            # only once ready: before, its handlers may not be installed, and a signal would be lost
+            if w.ready and w.paused != paused and not w.stopping:
+                w.paused = paused
+                self._signal(w, signal.SIGUSR2 if paused else signal.SIGCONT)
+                if not paused and w.state == WorkerState.PAUSED:
+                    w.state = WorkerState.IDLE  # a worker resumed before its wait for jobs began says nothing
+
+    def _converge_recoveries(self) -> None:
+        mold = self._ready_mold()
+        if mold is None:
+            return
+        for r in self.recoveries.values():
+            if not r.sent and r.after_pid is None:
+                r.sent = True
+                token = f"recover:{r.worker}"
+                request = {
+                    "op": "recover",
+                    "token": token,
+                    "worker": r.worker,
+                    "queues": list(r.queues),
+                    "requeue": r.requeue,
+                    "reason": r.reason,
+                }
+                self._send_mold(mold, token, request)
+
+    def _stop_worker(self, w: Worker, level: StopLevel, reason: str) -> None:
+        if w.pid is None:
+            return  # the mold has not told us its pid yet; the next reconcile (on "forked") stops it
+        w.stop_level, w.stop_reason = level, reason
+        if level == StopLevel.KILL:
+            horse = (w.job or {}).get("horse")
+            if isinstance(horse, int):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(horse, signal.SIGKILL)
+        self._signal(w, level.signal)
+
+    def _signal(self, w: Worker, sig: int) -> None:
+        if w.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, sig)
