@@ -24,7 +24,19 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from resque_starter import cgroups, commands, config, loader, procmem, protocol, redis_ping, rundir
+from resque_starter import (
+    cgroups,
+    commands,
+    config,
+    loader,
+    procmem,
+    protocol,
+    redis_ping,
+    rundir,
+    stacks,
+    watchdog,
+)
+from resque_starter import job as job_api
 from resque_starter.commands import Refused
 from resque_starter.config import (
     EXIT_APP_IMPORT,
@@ -52,6 +64,9 @@ MIN_UPTIME = 5.0  # a worker that dies sooner than this, uncommanded, counts as 
 CRASH_LIMIT = 5  # consecutive crashes of one slot before giving up (exit 4)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 10.0
 QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
+# A worker stopped on its own (scale-down, reload) is SIGKILLed this long after DRAIN_TIMEOUT, when its
+# own deadline (which kills its job's process at DRAIN_TIMEOUT) did not end it: a SimpleWorker in C code.
+DEADLINE_MARGIN = 1.0
 # a worker's own job counters, sent in its "idle" events; Supervisor.jobs sums them over every worker
 JOB_COUNTERS = ("done", "failed", "requeued")
 HANDLED = (
@@ -231,6 +246,10 @@ class Supervisor:
         deadlines = [until for _, until in self.backoff.values() if until > now]
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
+        for w in self.workers.values():
+            deadlines += [
+                t for t in (w.kill_at, watchdog.next_due(w, self.settings.stuck_grace)) if t is not None
+            ]
         deadlines += [due for server in self._listeners() if (due := server.next_deadline()) is not None]
         if self._signals:
             return 0
@@ -359,6 +378,7 @@ class Supervisor:
             self._converge_refork()
         else:
             self._converge_stop()
+        self._converge_deadlines()
         self._converge_pause()
         self._converge_recoveries()
         setproctitle(self._title())
@@ -401,6 +421,8 @@ class Supervisor:
 
     def _on_worker_exit(self, w: Worker, status: int) -> None:
         del self.workers[w.spec.name]
+        if w.pid is not None:
+            stacks.remove(self.settings.run_dir, w.pid)
         if w.listening:
             self._selector.unregister(w.status)
         w.status.close()
@@ -463,7 +485,9 @@ class Supervisor:
     def _recover(self, w: Worker, status: int) -> None:
         """A worker died without cleaning up: kill its orphaned horse, then fix its jobs in Redis."""
         stopping = self.stop_level is not None and self.stop_level >= StopLevel.QUICK
-        shutdown = w.stop_level == StopLevel.KILL or stopping
+        # a worker that killed itself at its job's stop deadline was stopping, unless it killed a job (USR1)
+        deadline = w.deadline_kind in (job_api.STOP, job_api.QUICK)
+        shutdown = w.stop_level == StopLevel.KILL or stopping or deadline
         if w.state == WorkerState.BUSY:
             self.interrupted = self.interrupted or shutdown
         horse = (w.job or {}).get("horse")
@@ -476,7 +500,8 @@ class Supervisor:
         reason = (
             f"interrupted by shutdown: worker pid {w.pid} ({w.spec.name}) was killed"
             if shutdown
-            else f"worker pid {w.pid} ({w.spec.name}) died ({describe_status(status)}) while running this job"
+            else w.stuck
+            or f"worker pid {w.pid} ({w.spec.name}) died ({describe_status(status)}) while running this job"
         )
         self.recoveries[w.spec.name] = Recovery(w.spec.name, w.queues, shutdown, reason, after_pid)
         if after_pid is not None:
@@ -579,6 +604,18 @@ class Supervisor:
                     os.kill(r.pid, signal.SIGKILL)
         self.recoveries.clear()
         self.interrupted = True
+
+    def _converge_deadlines(self) -> None:
+        """A worker stopped gracefully is killed once DRAIN_TIMEOUT is over (its own deadline for its job
+        came first); the watchdog kills one whose job runs in it past its timeout (see `watchdog`)."""
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.kill_at is not None and now >= w.kill_at and w.stop_level == StopLevel.GRACEFUL:
+                log.warning(
+                    "worker[%s] pid %s outlived its stop's deadline; killing it", self._slot_label(w), w.pid
+                )
+                self._stop_worker(w, StopLevel.KILL, w.stop_reason)
+            watchdog.tend(w, self.settings.stuck_grace, self.settings.run_dir, self._slot_label(w))
 
     def _converge_pause(self) -> None:
         for w in self.workers.values():
@@ -771,9 +808,13 @@ class Supervisor:
                 if w.pid is None:
                     w.pid = int(message.get("pid", 0)) or None
             elif event == "busy":
-                w.state, w.job = WorkerState.BUSY, message
+                w.state, w.job, w.dump_asked = WorkerState.BUSY, message, None
             elif event == "idle":
-                w.state, w.job = (WorkerState.PAUSED if w.paused else WorkerState.IDLE), None
+                w.state, w.job, w.dump_asked = (
+                    (WorkerState.PAUSED if w.paused else WorkerState.IDLE),
+                    None,
+                    None,
+                )
                 self._count_jobs(w, message)
             elif event == "paused" and w.state != WorkerState.BUSY:
                 w.state = WorkerState.PAUSED
@@ -783,6 +824,8 @@ class Supervisor:
                 w.stop_reason = f"recycle: {message.get('reason')}"
             elif event == "promote-ready":
                 w.promotable = True
+            elif event == "deadline":
+                w.deadline_kind = int(message.get("kind", 0))
             elif message.get("op") == "ready" and w.promoting is not None:
                 self._adopt_mold(w)
                 return
@@ -838,6 +881,8 @@ class Supervisor:
         if w.pid is None:
             return  # the mold has not told us its pid yet; the next reconcile (on "forked") stops it
         w.stop_level, w.stop_reason = level, reason
+        if level == StopLevel.GRACEFUL and w.kill_at is None:
+            w.kill_at = time.monotonic() + self.settings.drain_timeout + DEADLINE_MARGIN
         if level == StopLevel.KILL:
             horse = (w.job or {}).get("horse")
             if isinstance(horse, int):
