@@ -872,6 +872,8 @@ class Supervisor:
 
     def _count_jobs(self, w: Worker, message: dict[str, Any]) -> None:
         """Take a worker's own counters, and add what they grew by to totals that outlive the worker."""
+        if self.stop_level is not None and int(message.get("requeued", w.requeued)) > w.requeued:
+            self.interrupted = True  # a job that heard the stop was requeued: the stop interrupted it
         for name in JOB_COUNTERS:
             value = int(message.get(name, getattr(w, name)))
             self.jobs[name] += value - getattr(w, name)

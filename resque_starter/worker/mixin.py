@@ -69,7 +69,7 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         self._controls = context.controls
         self._running: Running | None = None
         self._interrupts: dict[str, int] = {}  # job id -> how it is being stopped (controls.STOPPING...)
-        self._clock = StopClock(context.settings.shutdown_grace, self._job_pid, self._kill_job_process)
+        self._clock = StopClock(self._job_pid, self._kill_job_process)
         self._lifetime_timer: threading.Timer | None = None
         self._stuck: str | None = None  # where rq's monitor found the horse it killed for its timeout
         self._jobs_done = 0
@@ -219,7 +219,8 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
     # --- stopping the running job (see stopclock) ----------------------------------------------
 
     def stop_job(self, kind: int) -> None:
-        """Signal handler side of TERM/QUIT (STOPPING: Shutdown at DRAIN_TIMEOUT - SHUTDOWN_GRACE), INT
+        """Signal handler side of TERM/QUIT (STOPPING: Shutdown at DRAIN_TIMEOUT - SHUTDOWN_GRACE, or half
+        DRAIN_TIMEOUT when that is later), INT
         and USR1 (QUICK_STOP, KILL_JOB: Shutdown at once), and of a recycle by lifetime: the job is
         warned now, SIGKILL follows at the deadline. Outside a job it does nothing; the job is settled
         in handle_job_failure (or by its horse)."""
@@ -228,8 +229,11 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
             return
         self._interrupts[running.job_id] = max(kind, self._interrupts.get(running.job_id, 0))
         settings = self._context.settings
-        within = settings.drain_timeout if kind == STOPPING else settings.shutdown_grace
-        self._clock.begin(kind, within)
+        if kind == STOPPING:  # half the drain at least, however short, for the job to finish by itself
+            drain = settings.drain_timeout
+            self._clock.begin(kind, max(drain - settings.shutdown_grace, drain / 2), drain)
+        else:
+            self._clock.begin(kind, 0.0, settings.shutdown_grace)
 
     def _job_pid(self) -> int:
         """The process performing the job: its horse (0 until it is forked), or this one."""

@@ -25,8 +25,7 @@ RETRY = 0.05  # how often the clock looks again for a horse that is being forked
 class StopClock:
     """One job's stop, from the warning to the kill."""
 
-    def __init__(self, grace: float, job_pid: Callable[[], int], kill: Callable[[], bool]) -> None:
-        self.grace = grace
+    def __init__(self, job_pid: Callable[[], int], kill: Callable[[], bool]) -> None:
         self._job_pid = job_pid  # the process performing the job: the horse, or this worker
         self._kill = kill  # SIGKILL the job's process; False while it has none yet (a horse to come)
         self._kill_at = 0.0
@@ -38,15 +37,19 @@ class StopClock:
     def kind(self) -> int:
         return self._kind
 
-    def begin(self, kind: int, within: float) -> None:
-        """A stop of `kind` with SIGKILL due `within` seconds from now, Shutdown `grace` seconds before
-        that (at once when the time is shorter). An earlier deadline, or a harder kind, wins."""
-        kill_at = time.monotonic() + within
+    def begin(self, kind: int, shutdown_in: float, kill_in: float) -> None:
+        """A stop of `kind`: Shutdown due `shutdown_in` seconds from now, SIGKILL `kill_in` seconds from
+        now. An earlier deadline, or a harder kind, wins."""
+        now = time.monotonic()
+        kill_at = now + kill_in
         if self._kind and self._kill_at <= kill_at and kind <= self._kind:
             return
-        self._kill_at = min(kill_at, self._kill_at) if self._kind else kill_at
+        shutdown_at = now + shutdown_in
+        if self._kind:
+            old_shutdown_at, _old_kill_at, _kind = job_api._page.read()  # type: ignore[union-attr]
+            shutdown_at, kill_at = min(shutdown_at, old_shutdown_at), min(kill_at, self._kill_at)
+        self._kill_at = kill_at
         self._kind = max(kind, self._kind)
-        shutdown_at = max(time.monotonic(), self._kill_at - min(self.grace, within))
         assert job_api._page is not None, "the worker shares its page before it runs a job"
         job_api._page.write(shutdown_at, self._kill_at, self._kind)
         if self._thread is None:
