@@ -740,6 +740,7 @@ class Supervisor:
         self._revert_generation()
 
     def _on_mold_exit(self, mold: Mold, status: int) -> None:
+        stacks.remove(self.settings.run_dir, mold.pid)  # a mold promoted from a worker registered one
         if self.molds.get(mold.generation) is mold:
             if not mold.ready and not mold.failed:
                 self._on_mold_message(mold)  # the error it sent just before exiting may still be unread

@@ -44,6 +44,16 @@ def running(s: Any, conn: redis.Redis, func: str, *args: object, **kwargs: Any) 
     return job, row  # type: ignore[return-value]
 
 
+def simple_worker(start: Any, stuck_grace: str) -> Any:
+    s = start(
+        RESQUE_STARTER_WORKER_CLASS="rq.SimpleWorker",
+        RESQUE_STARTER_CONCURRENCY="1",
+        RESQUE_STARTER_STUCK_GRACE=stuck_grace,
+    )
+    s.wait_workers(1)
+    return s
+
+
 def requeued_with_progress(conn: redis.Redis, job: Job) -> bool:
     job.refresh()  # status and meta of one read: the job saves its meta before it is requeued
     requeued = job.get_status(refresh=False) == JobStatus.QUEUED
@@ -102,12 +112,7 @@ def test_a_simple_worker_in_c_code_is_killed_when_its_stop_is_over(start, conn) 
 
 
 def test_the_watchdog_kills_a_simple_worker_stuck_in_c_code_past_its_timeout(start, conn) -> None:  # type: ignore[no-untyped-def]
-    s = start(
-        RESQUE_STARTER_WORKER_CLASS="rq.SimpleWorker",
-        RESQUE_STARTER_CONCURRENCY="1",
-        RESQUE_STARTER_STUCK_GRACE="1",
-    )
-    s.wait_workers(1)
+    s = simple_worker(start, stuck_grace="1")
     job, _ = running(s, conn, "testjobs.spin", 120, job_timeout=2)
     began = time.monotonic()
     wait_for(lambda: job.get_status(refresh=True) == JobStatus.FAILED, timeout=15, what="the job failed")
@@ -122,12 +127,7 @@ def test_the_watchdog_kills_a_simple_worker_stuck_in_c_code_past_its_timeout(sta
 
 
 def test_the_watchdog_never_touches_a_long_job_within_its_timeout(start, conn) -> None:  # type: ignore[no-untyped-def]
-    s = start(
-        RESQUE_STARTER_WORKER_CLASS="rq.SimpleWorker",
-        RESQUE_STARTER_CONCURRENCY="1",
-        RESQUE_STARTER_STUCK_GRACE="0",
-    )
-    s.wait_workers(1)
+    s = simple_worker(start, stuck_grace="0")
     job, row = running(s, conn, "testjobs.sleep_then_record", 3, job_timeout=4)
     wait_for(lambda: job.get_status(refresh=True) == JobStatus.FINISHED, timeout=10, what="the job to finish")
     assert [w["pid"] for w in s.status()["workers"]] == [row["pid"]]
