@@ -15,7 +15,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY . .
-RUN /opt/venv/bin/pip install --no-cache-dir . \
+# [metrics]: prometheus-client, so RESQUE_STARTER_METRICS_PORT works in the stock image.
+RUN /opt/venv/bin/pip install --no-cache-dir '.[metrics]' \
     && /opt/venv/bin/resque-starter --version
 
 FROM ${BASE_IMAGE}
@@ -31,17 +32,24 @@ RUN groupadd --system --gid 10001 resque \
     && useradd --system --uid 10001 --gid resque --home-dir /home/resque --create-home \
         --shell /usr/sbin/nologin resque \
     && install -d -o resque -g resque -m 0700 /run/resque-starter
-COPY --from=builder /opt/venv /opt/venv
+# The venv belongs to the image's user, so an image built FROM this one installs its app's
+# dependencies with a plain `RUN pip install ...` as that user (examples/app/Dockerfile); at run time
+# the root filesystem can still be read-only (--read-only, readOnlyRootFilesystem).
+COPY --from=builder --chown=10001:10001 /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RESQUE_STARTER_RUN_DIR=/run/resque-starter
 USER 10001:10001
 WORKDIR /home/resque
 # resque-starter is PID 1 itself: it reaps orphans and handles every signal (no tini/dumb-init).
 # SIGTERM (docker stop, kubelet) is a graceful drain bounded by RESQUE_STARTER_DRAIN_TIMEOUT.
 STOPSIGNAL SIGTERM
+# The check is the supervisor's liveness; a container of this image that runs something else as its
+# PID 1 by design (compose's producer, a one-off script) has no supervisor to check and stays healthy.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["resque-starter", "ctl", "health", "--live"]
+    CMD ["sh", "-c", "grep -qs resque-starter /proc/1/cmdline || exit 0; exec resque-starter ctl health --live"]
 ENTRYPOINT ["resque-starter"]
 CMD ["demo"]

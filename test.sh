@@ -5,16 +5,16 @@ cd "$(dirname "$0")"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-packages="redis-server tini util-linux"
+packages="redis-server redis-sentinel openssl tini util-linux"
 python3 -c 'import ensurepip' 2>/dev/null || packages="$packages python3-venv"  # Debian splits venv out
-if ! command -v redis-server >/dev/null || ! command -v tini >/dev/null || ! command -v unshare >/dev/null \
-   || [[ $packages == *python3-venv* ]]; then
+if ! command -v redis-server >/dev/null || ! command -v redis-sentinel >/dev/null || ! command -v openssl >/dev/null \
+   || ! command -v tini >/dev/null || ! command -v unshare >/dev/null || [[ $packages == *python3-venv* ]]; then
   as_root apt-get update -qq
   # shellcheck disable=SC2086
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
 fi
 # the distribution's redis-server service is not what the tests use: they start their own on a free port
-as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
+as_root systemctl disable --now redis-server redis-sentinel >/dev/null 2>&1 || true
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

@@ -155,21 +155,6 @@ def cold_start_ms(server: RedisServer, samples: int) -> list[float]:
     return result
 
 
-def quit_ms(system: System, samples: int) -> list[float]:
-    """Milliseconds from the graceful-stop signal (QUIT; TERM for rq) to every process gone, when idle."""
-    result = []
-    for _ in range(samples):
-        system.start()
-        system.wait_idle()
-        pids = system.pids()
-        began = time.perf_counter()
-        system.signal(system.stop_signal)
-        common.wait_until(lambda p=pids: not any(map(common.alive, p)), 60, f"{system.label} to exit", 0.002)
-        result.append((time.perf_counter() - began) * 1000)
-        system.stop()
-    return result
-
-
 def overhead(server: RedisServer, seconds: float) -> dict[str, float]:
     """Supervisor + mold CPU seconds per minute, idle and while no-op jobs keep both workers busy."""
     system = common.resque_starter("resque-starter CPU", N, server, "cpu")
@@ -209,7 +194,9 @@ def main() -> None:
         ttin = ttin_ms(server, plan.ttin_samples)
         cold = cold_start_ms(server, plan.cold_samples)
         stopping = [common.resque_starter("resque-starter", N, server), common.rq_pool(N, server)]
-        quits = {s.label: quit_ms(s, plan.quit_samples) for s in [*stopping, common.rq_workers(N, server)]}
+        quits = {
+            s.label: idle.stop_ms(s, plan.quit_samples) for s in [*stopping, common.rq_workers(N, server)]
+        }
         print(f"[overhead] {plan.cpu_seconds:g} s idle, {plan.cpu_seconds:g} s busy ...", flush=True)
         cpu = overhead(server, plan.cpu_seconds)
         idle_rows = idle.measure(server, plan.latency_samples, plan.quit_samples)

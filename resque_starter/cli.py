@@ -100,8 +100,15 @@ def run(args: argparse.Namespace, demo: bool) -> int:
     return Supervisor(settings, flags, environ).run()
 
 
+def _default_run_dir() -> str:
+    """The supervisor's default run dir, found as it chose it: the first candidate holding a control
+    socket, else the one it would take."""
+    candidates = config.run_dir_candidates()
+    return next((d for d in candidates if os.path.exists(control.socket_path(d))), candidates[0])
+
+
 def ctl(args: argparse.Namespace) -> int:
-    run_dir = args.run_dir or os.environ.get("RESQUE_STARTER_RUN_DIR") or config.Settings.run_dir
+    run_dir = args.run_dir or os.environ.get("RESQUE_STARTER_RUN_DIR") or _default_run_dir()
     command = args.ctl_command
     try:
         if command == "status":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -77,7 +78,7 @@ class Settings:
     config: str | None = None
     config_timeout: float = 10.0
     pid_file: str | None = None
-    run_dir: str = "/tmp/resque-starter"
+    run_dir: str = field(default_factory=lambda: run_dir_candidates()[0])
     log_level: str = "INFO"
     log_format: str = "text"
     term: str = "graceful"
@@ -119,6 +120,20 @@ class Settings:
                 value = list(value)
             shown[f.name] = value
         return shown
+
+
+def run_dir_candidates() -> list[str]:
+    """Where the run dir is when RESQUE_STARTER_RUN_DIR is unset, best first: the supervisor takes the
+    first, `ctl` the first that holds a control socket (a root shell may have XDG_RUNTIME_DIR set where
+    a root service has not). Never a fixed name in /tmp, which any local user could create first: the
+    per-uid one there is the last resort, and rundir.make refuses it unless it is ours."""
+    found = []
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and os.access(xdg, os.W_OK | os.X_OK):
+        found.append(os.path.join(xdg, "resque-starter"))
+    if os.access("/run/resque-starter", os.W_OK | os.X_OK) or os.access("/run", os.W_OK | os.X_OK):
+        found.append("/run/resque-starter")
+    return [*found, f"/tmp/resque-starter-{os.getuid()}"]
 
 
 def _describe_group(group: Group) -> dict[str, Any]:
@@ -213,7 +228,7 @@ SETTINGS = (
     ),
     Setting(
         "redis_url",
-        Kind("a redis://, rediss:// or unix:// URL", _redis_url),
+        Kind(connection.ALLOWED, _redis_url),
         "the Redis to use; REDIS_URL is read too (this one wins)",
         "Redis",
         "unset: an embedded `redis-server` child on a "
@@ -337,8 +352,10 @@ SETTINGS = (
     Setting(
         "run_dir",
         kinds.path(94, " (its control.sock must fit a unix socket's 108)"),
-        "directory of the control socket (and the embedded Redis's socket)",
+        "directory of the control socket (and the embedded Redis's socket); used only if it is ours",
         _OPS,
+        default_doc="`$XDG_RUNTIME_DIR/resque-starter`, else `/run/resque-starter` if writable, "
+        "else `/tmp/resque-starter-UID` (see operating.md)",
     ),
     Setting("pid_file", kinds.path(), "write the supervisor's pid here, atomically", _OPS),
     Setting("log_level", kinds.choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level", _OPS),

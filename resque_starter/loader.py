@@ -125,7 +125,9 @@ def _parse(setting: Setting, raw: _Raw) -> Any:
         return setting.kind(raw.value)
     except Invalid as e:
         value = raw.value
-        shown = mask_url(value) if setting.name == "redis_url" and isinstance(value, str) else value
+        shown = (
+            mask_url(value, strict=True) if setting.name == "redis_url" and isinstance(value, str) else value
+        )
         raise ConfigError(raw.label, shown, str(e)) from None
 
 

@@ -59,6 +59,8 @@ def run_mold(settings: Settings, generation: int, sock: socket.socket, promoted:
     """
     code = 1
     try:
+        # nothing this process forks after the supervisor is gone would be supervised: die with it
+        orphans.die_with_parent(os.getppid(), signal.SIGKILL)
         logs.set_role(f"mold gen={generation}")
         origin = " reforked" if promoted else ""
         setproctitle(f"resque-starter: mold gen={generation} app={','.join(settings.app) or '-'}{origin}")
@@ -236,10 +238,12 @@ def _run_and_exit(target: Callable[[], None]) -> NoReturn:
 def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int, supervisor: int) -> None:
     from resque_starter.worker import run_worker  # imports rq: never in the supervisor, which imports us
 
-    if orphans.await_adoption(supervisor):
-        # outside a PID namespace nothing else would stop a worker whose supervisor was SIGKILLed:
-        # a quick stop puts its job back at the front of its queue and it exits
-        orphans.die_with_parent(supervisor, signal.SIGINT)
+    if not orphans.await_adoption(supervisor):
+        log.error("worker %s: its supervisor (pid %d) is gone; exiting unstarted", spec.name, supervisor)
+        return
+    # outside a PID namespace nothing else would stop a worker whose supervisor was SIGKILLed:
+    # a quick stop puts its job back at the front of its queue and it exits
+    orphans.die_with_parent(supervisor, signal.SIGINT)
 
     group = settings.groups[spec.group]
     logs.set_role(f"worker[{group.name}:{spec.slot}]" if len(settings.groups) > 1 else f"worker[{spec.slot}]")

@@ -16,7 +16,7 @@ from typing import Any
 
 from resque_starter import procmem
 from resque_starter.config import Settings
-from resque_starter.protocol import LineBuffer, WorkerSpec
+from resque_starter.protocol import EXIT_REDIS_UNREACHABLE, LineBuffer, Outbox, WorkerSpec
 from resque_starter.states import StopLevel, WorkerState
 
 
@@ -30,6 +30,14 @@ class Mold:
     ready: bool = False
     failed: bool = False
     promoted: bool = False  # a worker promoted to mold (reforking); its generation does not refork again
+    # requests sent and not yet answered with "forked", by token, with when they were sent: what its
+    # death or hang must give back to the desired state
+    pending: dict[str, float] = field(default_factory=dict)
+    hung: bool = False  # it stopped reading or answering: killed, and replaced once reaped
+    outbox: Outbox = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(self.sock)
 
 
 @dataclass
@@ -125,4 +133,6 @@ def describe_status(status: int) -> str:
     """A wait status in words, for logs and failed-job reasons."""
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    if os.WEXITSTATUS(status) == EXIT_REDIS_UNREACHABLE:
+        return f"exit code {EXIT_REDIS_UNREACHABLE}: it could not reach Redis"
     return f"exit code {os.WEXITSTATUS(status)}"

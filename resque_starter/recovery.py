@@ -139,13 +139,16 @@ def recover_worker(
     job_class: type[Job] | str | None = None,
     queue_class: type[Queue] | str | None = None,
     serializer: Serializer | str | None = None,
+    unregister: bool = True,
 ) -> dict[str, int]:
-    """Settle everything a gone worker held, and unregister it. Idempotent.
+    """Settle every job Redis says `worker_name` holds, and (`unregister`) unregister it. Idempotent.
 
-    Its claims go back to the front of their queues; each execution whose job is unfinished is
-    settled by `requeue_or_fail` with `reason`; executions of finished jobs are just deleted. The
-    worker's horse must already be dead (the supervisor kills it first), or its job would run twice.
-    `queue_names` are the queues the dead worker served. Returns counts by outcome.
+    For a gone worker, whose horse must already be dead (the supervisor kills it first) or its job
+    would run twice; or, with `unregister` False, for a live worker between jobs after a failover (the
+    new primary may still show jobs whose end the old one took with it). `queue_names` are the queues
+    the worker served. Its claims go back to the front of their queues; each execution whose job is
+    unfinished is settled by `requeue_or_fail` with `reason`; executions of finished jobs are just
+    deleted. Returns counts by outcome.
     """
     job_cls = import_job_class(job_class) if isinstance(job_class, str) else (job_class or Job)
     queue_cls = import_queue_class(queue_class) if isinstance(queue_class, str) else (queue_class or Queue)
@@ -174,11 +177,12 @@ def recover_worker(
         )
         if outcome:
             counts[outcome] += 1
-    with connection.pipeline() as pipe:
-        worker_registration.unregister(worker, pipe)
-        pipe.delete(worker.key, worker.executions_key)
-        pipe.execute()
-    log.info("recovered worker %s: %s", worker_name, counts)
+    if unregister:
+        with connection.pipeline() as pipe:
+            worker_registration.unregister(worker, pipe)
+            pipe.delete(worker.key, worker.executions_key)
+            pipe.execute()
+        log.info("recovered worker %s: %s", worker_name, counts)
     return counts
 
 

@@ -67,6 +67,12 @@ QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
 # A worker stopped on its own (scale-down, reload) is SIGKILLed this long after DRAIN_TIMEOUT, when its
 # own deadline (which kills its job's process at DRAIN_TIMEOUT) did not end it: a SimpleWorker in C code.
 DEADLINE_MARGIN = 1.0
+MOLD_STALL = 5.0  # seconds a mold may leave a request unanswered before it counts as hung
+REDIS_POLL = 0.05  # seconds between looks at a restarting embedded redis-server
+EARLY_EXIT_TTL = 10.0  # seconds an exit reaped before we knew whose it was stays a candidate
+EARLY_EXITS_MAX = 1024
+MAX_LOOP_FAULTS = 10  # unexpected exceptions in the loop before it gives up on a stop in order
+MAX_SPAWNS_IN_FLIGHT = 64  # spawn requests one mold has unanswered: bounds what a hung mold holds
 # a worker's own job counters, sent in its "idle" events; Supervisor.jobs sums them over every worker
 JOB_COUNTERS = ("done", "failed", "requeued")
 HANDLED = (
@@ -100,12 +106,13 @@ class Supervisor:
         self.workers: dict[str, Worker] = {}
         self.recoveries: dict[str, Recovery] = {}
         self.backoff: dict[tuple[int, int], tuple[int, float]] = {}
-        self.early_exits: dict[int, int] = {}
+        self.early_exits: dict[int, tuple[int, float]] = {}  # pid -> (wait status, when reaped)
         self.serving_generation = 0
         self.reload_error: str | None = None
         self.interrupted = False
         self.exit_code: int | None = None
         self._pending_exit: int | None = None
+        self._faults = 0
         self._generations = 1
         self.restarts = 0
         self.reloads = 0
@@ -125,11 +132,19 @@ class Supervisor:
         """Start, loop until the desired state is 'stopped' and reached, clean up; the exit code."""
         try:
             self._start()
-            self.reconcile()
-            while self.exit_code is None:
-                self._wait(self._next_timeout())
-                self._handle_signals()
-                self.reconcile()
+            while True:
+                try:
+                    self.reconcile()
+                    if self.exit_code is not None:
+                        break
+                    self._wait(self._next_timeout())
+                    self._handle_signals()
+                except ConfigError:
+                    raise
+                except Exception:
+                    self._on_loop_fault()
+                    if self.exit_code is not None:
+                        break
         except ConfigError as exc:
             log.error("%s", exc)
             self._abort_children()
@@ -154,6 +169,9 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         self._selector.register(read_end, selectors.EVENT_READ, self._drain_wakeup)
         rundir.make(self.settings.run_dir)
+        # first the control socket: it refuses a run dir that a running supervisor answers in, before
+        # anything of that one's (its pid file, its embedded Redis's socket) is replaced
+        self._control = ControlServer(self.settings.run_dir, self._selector, self.command)
         if self.settings.pid_file:
             rundir.write_pid_file(self.settings.pid_file)
             self._pid_file_written = self.settings.pid_file
@@ -168,7 +186,6 @@ class Supervisor:
                 self._redis.url,
             )
             self.settings = dataclasses.replace(self.settings, redis_url=self._redis.url)
-        self._control = ControlServer(self.settings.run_dir, self._selector, self.command)
         if self.settings.metrics_port is not None:
             from resque_starter.metrics import MetricsServer
 
@@ -210,6 +227,20 @@ class Supervisor:
             rundir.remove_pid_file(self._pid_file_written)
         log.info("supervisor exiting with code %s", self.exit_code)
 
+    def _on_loop_fault(self) -> None:
+        """A bug in a loop step must not unwind PID 1 (the container, and every running job, would go
+        with it): log it and stop quickly, as INT does, exit 1; each further fault escalates the stop,
+        and a loop that keeps failing kills what is left."""
+        log.exception("the supervisor's loop failed; stopping quickly")
+        self._faults += 1
+        self._pending_exit = self._pending_exit or EXIT_INTERRUPTED
+        if self._faults > MAX_LOOP_FAULTS:
+            log.error("the supervisor's loop failed %d times; killing every worker", self._faults)
+            self._abort_children()
+            self.exit_code = self._pending_exit
+            return
+        self.request_stop(StopLevel.QUICK)
+
     def _abort_children(self) -> None:
         for w in self.workers.values():
             if w.pid:
@@ -244,6 +275,11 @@ class Supervisor:
         """Sleep until the next deadline (backoff, drain, stop escalation); forever when idle."""
         now = time.monotonic()
         deadlines = [until for _, until in self.backoff.values() if until > now]
+        if self._redis is not None and self._redis.deadline is not None:
+            deadlines.append(now + REDIS_POLL)
+        deadlines += [
+            min(m.pending.values()) + MOLD_STALL for m in self.molds.values() if m.pending and not m.hung
+        ]
         if self.stop_deadline is not None:
             deadlines.append(self.stop_deadline)
         for w in self.workers.values():
@@ -369,6 +405,8 @@ class Supervisor:
         self._reap()
         if self.exit_code is not None:
             return
+        self._kill_hung_molds()
+        self._converge_redis()
         self._update_serving()
         self._converge_molds()
         if self.exit_code is not None:
@@ -410,24 +448,56 @@ class Supervisor:
                 return
         self._horse_gone(pid)  # a dead worker's horse, killed by us, may be ours to reap
         if self._redis is not None and pid == self._redis.pid:
-            log.error("embedded redis-server exited (%s); restarting it", describe_status(status))
-            self._redis.restart()
+            self._on_redis_exit(self._redis, status)
             return
         # a worker or recovery child may die before the mold has told us its pid; or an adopted orphan
-        self.early_exits[pid] = status
-        if len(self.early_exits) > 1024:
+        now = time.monotonic()
+        self.early_exits[pid] = (status, now)
+        while (
+            len(self.early_exits) > EARLY_EXITS_MAX
+            or now - next(iter(self.early_exits.values()))[1] > EARLY_EXIT_TTL
+        ):
             self.early_exits.pop(next(iter(self.early_exits)))
         log.debug("reaped pid %d (%s)", pid, describe_status(status))
 
+    def _on_redis_exit(self, server: EmbeddedRedis, status: int) -> None:
+        """Restart the embedded redis-server: spawned here, then polled by _converge_redis, so the loop
+        goes on meanwhile. One that cannot come back stops the supervisor gracefully, saying why."""
+        how = describe_status(status)
+        if server.deadline is not None:
+            self._redis_lost(f"it exited before it answered ({how})")
+            return
+        log.error("embedded redis-server exited (%s); restarting it", how)
+        try:
+            server.spawn()
+        except OSError as exc:
+            self._redis_lost(f"it could not be started ({exc})")
+
+    def _converge_redis(self) -> None:
+        server = self._redis
+        if server is None or server.deadline is None:
+            return
+        if server.answers():
+            log.info("embedded redis-server restarted at %s", server.url)
+        elif time.monotonic() > server.deadline:
+            self._redis_lost(f"it did not answer within {server.start_timeout:.0f}s")
+
+    def _redis_lost(self, why: str) -> None:
+        assert self._redis is not None
+        self._redis.deadline = None
+        log.error("the embedded redis-server could not be restarted: %s; stopping (exit 1)", why)
+        self._pending_exit = self._pending_exit or EXIT_INTERRUPTED
+        self.request_stop(StopLevel.GRACEFUL)
+
     def _on_worker_exit(self, w: Worker, status: int) -> None:
-        del self.workers[w.spec.name]
         if w.pid is not None:
             stacks.remove(self.settings.run_dir, w.pid)
         if w.listening:
-            self._selector.unregister(w.status)
-        w.status.close()
+            self._on_worker_message(w)  # what it said last (a "busy") may still be unread
+        self._forget(w)
         uptime = time.monotonic() - w.started_at
-        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        # an exit 0 with a job running (a job calling os._exit(0) in a SimpleWorker) is no clean exit
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and w.state != WorkerState.BUSY
         log_fn = log.info if clean or w.stop_level is not None else log.warning
         log_fn(
             "worker[%s] pid %s gen %d exited (%s) after %.1fs",
@@ -488,11 +558,11 @@ class Supervisor:
         # a worker that killed itself at its job's stop deadline was stopping, unless it killed a job (USR1)
         deadline = w.deadline_kind in (job_api.STOP, job_api.QUICK)
         shutdown = w.stop_level == StopLevel.KILL or stopping or deadline
-        if w.state == WorkerState.BUSY:
-            self.interrupted = self.interrupted or shutdown
+        if w.state == WorkerState.BUSY:  # a stop that costs a job its normal end (killed, failed) exits 1
+            self.interrupted = self.interrupted or self.stop_level is not None
         horse = (w.job or {}).get("horse")
         after_pid = None
-        if isinstance(horse, int) and self.early_exits.pop(horse, None) is None:
+        if isinstance(horse, int) and self._take_early_exit(horse) is None:
             # not reaped by us, so the pid is still the horse's: kill it before touching its job
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(horse, signal.SIGKILL)
@@ -579,6 +649,8 @@ class Supervisor:
                     continue
                 if old and len(self.workers) >= limit:
                     continue
+                if mold.hung or len(mold.pending) >= MAX_SPAWNS_IN_FLIGHT:
+                    return  # the rest when it has answered
                 self._spawn(mold, group, slot)
 
     def _converge_stop(self) -> None:
@@ -626,22 +698,23 @@ class Supervisor:
 
     def _converge_recoveries(self) -> None:
         mold = self.molds.get(self.generation)
-        if mold is None or not mold.ready:
-            mold = next((m for m in self.molds.values() if m.ready), None)
+        if mold is None or not mold.ready or mold.hung:
+            mold = next((m for m in self.molds.values() if m.ready and not m.hung), None)
         if mold is None:
             return
         for r in self.recoveries.values():
             if not r.sent and r.after_pid is None:
                 r.sent = True
+                token = f"recover:{r.worker}"
                 request = {
                     "op": "recover",
-                    "token": f"recover:{r.worker}",
+                    "token": token,
                     "worker": r.worker,
                     "queues": list(r.queues),
                     "requeue": r.requeue,
                     "reason": r.reason,
                 }
-                self._send_mold(mold, request)
+                self._send_mold(mold, token, request)
 
     # ----------------------------------------------------------------- actions on the process table
 
@@ -650,6 +723,7 @@ class Supervisor:
 
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         settings = self.settings
+        gc.collect()  # what is garbage now is freed, not frozen with the rest
         gc.freeze()  # neither our collections nor the mold's examine, and so copy, the pages we share
         procmem.release_free_heap()
         pid = os.fork()
@@ -658,9 +732,10 @@ class Supervisor:
             self._close_in_child()
             run_mold(settings, generation, child_sock)
         child_sock.close()
+        parent_sock.setblocking(False)
         mold = Mold(generation, pid, parent_sock, settings)
         self.molds[generation] = mold
-        self._selector.register(parent_sock, selectors.EVENT_READ, lambda s: self._on_mold_message(mold))
+        self._selector.register(parent_sock, selectors.EVENT_READ, lambda s: self._on_mold_io(mold))
         log.info("mold gen=%d pid %d: importing %s", generation, pid, ",".join(settings.app) or "nothing")
 
     def _close_in_child(self) -> None:
@@ -681,7 +756,8 @@ class Supervisor:
             w.status.close()
 
     def _stop_mold(self, mold: Mold) -> None:
-        """A ready mold exits on request; one still importing (abandoned) cannot read it, so is killed."""
+        """A ready mold exits on request (or on the end of its socket, if the request does not fit);
+        one still importing (abandoned) cannot read it, so is killed."""
         del self.molds[mold.generation]
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(mold.sock)
@@ -689,8 +765,69 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(mold.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
-            protocol.send(mold.sock, {"op": "exit"})
+            mold.outbox.put({"op": "exit"})
+        self._give_back(mold)
         mold.sock.close()
+
+    def _give_back(self, mold: Mold) -> None:
+        """What the mold was asked and did not answer goes back to the desired state: a spawn's row
+        leaves the slot table (the slot loop asks the next mold for that slot), a recovery is sent
+        again. A worker forked just before may exist all the same: its row is kept as stopping, so it
+        is stopped once it says who it is, and forgotten when its status socket closes."""
+        mold.outbox.close()
+        for token in mold.pending:
+            w = self.workers.get(token)
+            if w is not None and w.pid is None:
+                w.stop_level, w.stop_reason = StopLevel.GRACEFUL, f"its mold gen={mold.generation} died"
+                if not w.listening:
+                    self._forget(w)
+            elif token.startswith("recover:") and token[8:] in self.recoveries:
+                recovery = self.recoveries[token[8:]]
+                recovery.sent = recovery.sent and recovery.pid is not None
+        mold.pending.clear()
+
+    def _forget(self, w: Worker) -> None:
+        self.workers.pop(w.spec.name, None)
+        if w.listening:
+            self._selector.unregister(w.status)
+        w.status.close()
+
+    def _kill_hung_molds(self) -> None:
+        """A mold that leaves a request unanswered for MOLD_STALL seconds, or stops reading until its
+        outbox is full, is hung (SIGSTOP, a hook stuck on a lock): it is killed, and reaping it gives
+        its requests back, so the loop goes on without it."""
+        now = time.monotonic()
+        for mold in self.molds.values():
+            oldest = min(mold.pending.values(), default=now)
+            if mold.hung or now - oldest >= MOLD_STALL:
+                self._declare_hung(mold, f"left a request unanswered for {now - oldest:.1f}s")
+
+    def _declare_hung(self, mold: Mold, why: str) -> None:
+        if mold.hung:
+            return
+        mold.hung = True
+        log.error("mold gen=%d pid %d %s: killing it; its requests go to the next mold", mold.generation,
+                  mold.pid, why)  # fmt: skip
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(mold.pid, signal.SIGKILL)
+
+    def _on_mold_io(self, mold: Mold) -> None:
+        """The mold's socket is readable, or writable while requests wait in its outbox."""
+        if mold.outbox.pending:
+            try:
+                mold.outbox.flush()
+            except OSError:  # it is gone: reaping it gives its requests back
+                mold.outbox.close()
+            self._watch_mold(mold)
+        self._on_mold_message(mold)
+
+    def _watch_mold(self, mold: Mold) -> None:
+        """Wake for the mold's socket being writable only while its outbox holds something."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if mold.outbox.pending else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            key = self._selector.get_key(mold.sock)
+            if key.events != events:
+                self._selector.modify(mold.sock, events, key.data)
 
     def _on_mold_message(self, mold: Mold) -> None:
         try:
@@ -713,6 +850,7 @@ class Supervisor:
                 code = int(message.get("code", EXIT_APP_IMPORT))
                 self._on_mold_error(mold, code, str(message.get("message")))
             elif op == "forked":
+                mold.pending.pop(str(message["token"]), None)
                 self._on_forked(str(message["token"]), int(message["pid"]))
 
     def _check_fit(self, mold: Mold) -> None:
@@ -742,11 +880,11 @@ class Supervisor:
     def _on_mold_exit(self, mold: Mold, status: int) -> None:
         stacks.remove(self.settings.run_dir, mold.pid)  # a mold promoted from a worker registered one
         if self.molds.get(mold.generation) is mold:
-            if not mold.ready and not mold.failed:
-                self._on_mold_message(mold)  # the error it sent just before exiting may still be unread
+            self._on_mold_message(mold)  # an error or "forked" it sent just before exiting may be unread
             del self.molds[mold.generation]
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(mold.sock)
+            self._give_back(mold)
             mold.sock.close()
             if not mold.ready and not mold.failed:
                 how = describe_status(status)
@@ -762,9 +900,24 @@ class Supervisor:
             w.pid = pid
         elif token.startswith("recover:") and token[8:] in self.recoveries:
             self.recoveries[token[8:]].pid = pid
-        status = self.early_exits.pop(pid, None)
+        status = self._take_early_exit(pid)
         if status is not None:
             self._on_exit(pid, status)
+
+    def _take_early_exit(self, pid: int) -> int | None:
+        """The exit status reaped for `pid` before we knew whose it was, if `pid` still means that
+        process: an entry is stale once it is older than EARLY_EXIT_TTL (the late news it waits for
+        comes within milliseconds) or once `pid` is a child of ours again. A child's pid is not reused
+        until we reap it, so waitid (WNOWAIT: it reaps nothing) tells truly whether pid was reused."""
+        status, reaped = self.early_exits.pop(pid, (None, 0.0))
+        if status is None or time.monotonic() - reaped > EARLY_EXIT_TTL:
+            return None
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return status  # not a child of ours: the exit we reaped is the news about pid
+        log.debug("pid %d was reused by a new child; its early exit entry is stale", pid)
+        return None
 
     def _spawn(self, mold: Mold, group: int, slot: int) -> None:
         self._seq += 1
@@ -781,14 +934,20 @@ class Supervisor:
         w = Worker(spec, ours, mold.settings.groups[group].queues, paused=spec.paused)
         self.workers[spec.name] = w
         self._selector.register(ours, selectors.EVENT_READ, lambda s: self._on_worker_message(w))
-        self._send_mold(mold, {"op": "spawn", "spec": spec.to_dict()}, [theirs.fileno()])
-        theirs.close()
+        self._send_mold(mold, spec.name, {"op": "spawn", "spec": spec.to_dict()}, [theirs.detach()])
 
-    def _send_mold(self, mold: Mold, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    def _send_mold(
+        self, mold: Mold, token: str, message: dict[str, Any], fds: list[int] | None = None
+    ) -> None:
+        """Queue a request; it waits in the mold's bounded outbox while the mold does not read, and
+        counts as pending (given back if the mold dies or hangs) until the mold answers "forked"."""
+        mold.pending[token] = time.monotonic()
         try:
-            protocol.send(mold.sock, message, fds)
-        except OSError as exc:
+            if not mold.outbox.put(message, fds):
+                self._declare_hung(mold, "stopped reading its requests (its outbox is full)")
+        except OSError as exc:  # it is gone: reaping it gives this request back
             log.error("mold gen=%d unreachable: %s", mold.generation, exc)
+        self._watch_mold(mold)
 
     def _on_worker_message(self, w: Worker) -> None:
         try:
@@ -800,6 +959,8 @@ class Supervisor:
         if not data:
             self._selector.unregister(w.status)  # the worker is gone or going; reaping tells how
             w.listening = False
+            if w.pid is None and w.stopping:  # a spawn its dying mold never forked
+                self._forget(w)
             return
         for message in w.buffer.feed(data):
             event = message.get("event")
@@ -808,6 +969,8 @@ class Supervisor:
                 w.state = WorkerState.PAUSED if w.paused else WorkerState.IDLE
                 if w.pid is None:
                     w.pid = int(message.get("pid", 0)) or None
+                    if w.stop_level is not None:  # forked by a mold that died before it told us
+                        self._signal(w, w.stop_level.signal)
             elif event == "busy":
                 w.state, w.job, w.dump_asked = WorkerState.BUSY, message, None
             elif event == "idle":
@@ -864,9 +1027,8 @@ class Supervisor:
         old = self.molds.get(w.spec.generation)
         mold = Mold(w.promoting, w.pid or 0, w.status, old.settings if old else self.settings, w.buffer)
         mold.ready = mold.promoted = True
-        w.status.setblocking(True)
         self.molds[mold.generation] = mold
-        self._selector.modify(w.status, selectors.EVENT_READ, lambda s: self._on_mold_message(mold))
+        self._selector.modify(w.status, selectors.EVENT_READ, lambda s: self._on_mold_io(mold))
         if self.stop_level is None and self.generation == w.spec.generation:
             self.generation = mold.generation
             log.info("refork: mold gen=%d pid %s ready; replacing workers from it", mold.generation, mold.pid)

@@ -16,6 +16,7 @@ from rq import Queue, Worker
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from resque_starter import control, procmem
+from resque_starter.connection import connect
 
 from conftest import wait_for
 
@@ -67,14 +68,18 @@ class Starter:
         args: tuple[str, ...] = (),
         prefix: tuple[str, ...] = (),
         command: str = "run",
+        run_dir: str | None = None,
+        module: str = "resque_starter",
     ) -> None:
+        """`run_dir`: where the supervisor's default run dir will be, when env does not set one;
+        `module`: what `python -m` runs (a test's wrapper of the command)."""
         self.env = env
-        self.run_dir = env["RESQUE_STARTER_RUN_DIR"]
+        self.run_dir = run_dir or env["RESQUE_STARTER_RUN_DIR"]
         self.log_path = Path(self.run_dir).parent / f"starter-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._prefix = prefix
         self._inner: int | None = None
-        argv = [*prefix, sys.executable, "-m", "resque_starter", command, *args]
+        argv = [*prefix, sys.executable, "-m", module, command, *args]
         self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(ROOT))
         self.url = env.get("REDIS_URL") or f"unix://{self.run_dir}/redis.sock"
 
@@ -94,7 +99,7 @@ class Starter:
         return self._inner
 
     def connection(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
+        return connect(self.url)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

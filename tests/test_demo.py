@@ -7,7 +7,10 @@ app is preloaded, a producer enqueues jobs, and a stop leaves nothing behind: no
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,3 +39,36 @@ def test_the_demo_runs_jobs_on_an_embedded_redis_and_a_stop_leaves_nothing(
     assert not Path(run_dir, "redis.sock").exists()
     assert not os.path.exists(os.path.join(run_dir, "control.sock"))
     assert process_state(producer) is None
+
+
+def test_an_embedded_redis_that_cannot_be_restarted_stops_the_supervisor_saying_so(
+    starters: Callable[..., Starter], run_dir: str, tmp_path: Path
+) -> None:
+    """The embedded redis-server dies and its restart fails (a redis-server on PATH that works once):
+    the restart never blocks the loop, the exit line says what failed, and the workers are stopped
+    gracefully, not SIGKILLed."""
+    real = shutil.which("redis-server")
+    assert real is not None
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    flag = tmp_path / "started-once"
+    shim = bin_dir / "redis-server"
+    shim.write_text(f'#!/bin/sh\n[ -e {flag} ] && {{ sleep 2; exit 1; }}\ntouch {flag}\nexec {real} "$@"\n')
+    shim.chmod(0o755)
+    env = base_env(None, run_dir, RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_DRAIN_TIMEOUT="5")
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    s = starters(env)
+    s.wait_workers(1)
+    [server] = [p for p in descendants(s.pid) if "redis-server" in cmdline(p)]
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: "restarting it" in s.log(), what="the restart")
+    for _ in range(5):  # while the new one neither answers nor exits, the loop answers at once
+        began = time.monotonic()
+        s.status()
+        assert time.monotonic() - began < 0.5
+    assert s.wait_exit(30) == 1
+    errors = [line for line in s.log().splitlines() if " ERROR " in line]
+    assert any("the embedded redis-server could not be restarted" in line for line in errors), errors
+    assert not any("REDIS_URL is not set" in line for line in errors), errors
+    assert not re.search(r"worker\[0\] pid \d+ gen 1 exited \(killed by SIGKILL\)", s.log())
+    assert re.search(r"worker\[0\] pid \d+ gen 1 exited", s.log())

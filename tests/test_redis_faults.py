@@ -175,3 +175,22 @@ def test_a_recovery_waiting_for_redis_gives_up_when_the_supervisor_is_gone(
         for pid in tree:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_graceful_stop_during_a_redis_outage_says_so(start, own_redis: RedisServer) -> None:
+    """Redis goes away while a job runs, then TERM: the job ends but its worker cannot record it and
+    exits. The job is failed (once Redis is back) with a reason that says Redis could not be reached,
+    not "worker died (exit code 1)", and the exit code is 1: a job did not finish as it should."""
+    s = start(own_redis.url, RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_DRAIN_TIMEOUT="30")
+    s.wait_workers(1)
+    [job] = enqueue(own_redis.url, 1, 1.5)
+    wait_for(lambda: s.status()["workers"][0]["state"] == "busy", what="the job to start")
+    own_redis.stop()
+    s.signal(signal.SIGTERM)
+    wait_for(lambda: not s.status()["workers"], 20, what="the worker to give up")
+    own_redis.start()
+    assert s.wait_exit(30) == 1
+    assert job.get_status(refresh=True) == JobStatus.FAILED
+    result = job.latest_result()
+    assert result is not None and "could not reach Redis" in (result.exc_string or ""), result
+    assert "could not reach Redis" in s.log()

@@ -55,6 +55,8 @@ def test_ping_authenticates_by_password_and_acl_user(secured) -> None:  # type: 
     assert ping(f"redis://default:s3cret@127.0.0.1:{port}", timeout=1)
     assert ping(f"unix://:s3cret@{sock}", timeout=1)
     assert ping(f"unix://{sock}?password=s3cret", timeout=1)
+    assert ping(f"redis://127.0.0.1:{port}/0?username=default&password=s3cret", timeout=1)
+    assert not ping(f"redis://127.0.0.1:{port}/0?username=nobody&password=s3cret", timeout=1)
     assert not ping(f"redis://127.0.0.1:{port}/0", timeout=1), "no password: NOAUTH"
     assert not ping(f"redis://:wrong@127.0.0.1:{port}/0", timeout=1)
 

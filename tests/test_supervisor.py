@@ -284,3 +284,40 @@ def test_workers_do_not_outlive_a_supervisor_killed_by_sigkill(start, conn) -> N
     wait_for(lambda: all(gone(w["pid"]) for w in workers) and gone(mold), 15, what="workers and mold to exit")
     wait_for(lambda: registries(conn)["queued"] == [job.id], what="the interrupted job back in its queue")
     assert registries(conn)["started"] == []
+
+
+def test_nothing_forked_after_the_supervisor_died_runs_unsupervised(start, conn) -> None:  # type: ignore[no-untyped-def]
+    """The supervisor is SIGKILLed while its mold holds a spawn request it has not read (SIGSTOP): the
+    mold dies with it, so no worker starts that nobody supervises (nor one the old worker's quick
+    stop would leave behind)."""
+    s = start(RESQUE_STARTER_CONCURRENCY="1")
+    [worker] = s.wait_workers(1)
+    prefix = worker["name"].rsplit(".", 1)[0]
+    mold = s.status()["molds"][0]["pid"]
+    os.kill(mold, signal.SIGSTOP)
+    s.signal(signal.SIGTTIN)
+    wait_for(lambda: len(s.status()["workers"]) == 2, what="the spawn to be asked")
+    s.signal(signal.SIGKILL)
+    s.wait_exit(10)
+    if process_state(mold) not in (None, "Z"):
+        os.kill(mold, signal.SIGCONT)
+    wait_for(lambda: process_state(mold) in (None, "Z"), what="the mold to go")
+    wait_for(lambda: process_state(worker["pid"]) in (None, "Z"), what="the supervised worker to go")
+    deadline = time.monotonic() + 3  # long enough for a worker forked now to register with rq
+    while time.monotonic() < deadline:
+        names = [w.name for w in Worker.all(connection=conn)]
+        assert not [n for n in names if n.startswith(prefix)], names
+        time.sleep(0.1)
+
+
+def test_a_worker_that_exits_0_mid_job_has_its_job_recovered(start, conn) -> None:  # type: ignore[no-untyped-def]
+    """A job that calls os._exit(0) in a SimpleWorker: the worker itself exits 0 while busy. Its job
+    must not stay STARTED: an exit 0 with a job running is no clean exit."""
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_WORKER_CLASS="rq.SimpleWorker")
+    s.wait_workers(1)
+    job = Queue("default", connection=conn).enqueue("testjobs.exit_process", 0)
+    wait_for(lambda: job.get_status(refresh=True) == JobStatus.FAILED, 15, what="the job to be failed")
+    assert registries(conn)["started"] == []
+    s.wait_workers(1)
+    s.signal(signal.SIGQUIT)
+    assert s.wait_exit(20) == 0

@@ -57,6 +57,11 @@ def pid() -> int:
     return os.getpid()
 
 
+def exit_process(code: int = 0) -> None:
+    """End the process running the job at once, cleanly as far as its exit code tells."""
+    os._exit(code)
+
+
 _HOARD: list[bytes] = []
 
 

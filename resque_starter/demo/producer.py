@@ -16,6 +16,7 @@ from setproctitle import setproctitle
 
 from resque_starter import logs
 from resque_starter.config import Settings
+from resque_starter.connection import connect
 
 log = logging.getLogger("resque_starter.demo")
 PR_SET_PDEATHSIG = 1
@@ -42,7 +43,7 @@ def start_in_background(settings: Settings) -> int:
 
 
 def run(url: str, queue_name: str, interval: float = 1.0) -> None:
-    connection = redis.Redis.from_url(url)
+    connection = connect(url)
     while True:  # the embedded Redis may not be up yet
         with contextlib.suppress(redis.ConnectionError, FileNotFoundError):
             connection.ping()

@@ -18,7 +18,8 @@ from rq.queue import Queue
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from resque_starter import claims
+from resque_starter import claims, recovery
+from resque_starter.connection import primary_address
 from resque_starter.rq_compat import WorkerBase
 from resque_starter.worker.controls import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX, Context, Controls
 from resque_starter.worker.idle_wait import IdleWait
@@ -48,6 +49,7 @@ class ClaimingMixin(WorkerBase):
     _claim_first: Script | None
     _idle_wait: IdleWait | None = None
     _claims_unsure = False  # a wait broke off with an error: a job may sit in a claim list of ours
+    _primary: str | None = None  # a Sentinel primary's address, as of the last claim
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -70,6 +72,7 @@ class ClaimingMixin(WorkerBase):
                 if self._controls.stop:
                     raise StopRequested()
                 self._heartbeat_if_due()
+                self._settle_after_failover()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 if self._claims_unsure:
@@ -87,6 +90,27 @@ class ClaimingMixin(WorkerBase):
                 return result
             if max_idle_time is not None and time.monotonic() - idle_since >= max_idle_time:
                 return None
+
+    def _settle_after_failover(self) -> None:
+        """Between jobs this worker holds none; after a Sentinel failover the new primary may still show
+        some as claimed or started by it (the old primary took their end with it): settle those as a
+        recovery would, failing each with the reason (or retrying it, per its rq Retry)."""
+        primary, before = primary_address(self.connection), self._primary
+        self._primary = primary
+        if before is None or primary == before:
+            return
+        reason = (
+            f"Redis failed over from {before} to {primary} while worker {self.name} ran this job: "
+            "how it ended was lost with the old primary"
+        )
+        counts = recovery.recover_worker(
+            self.connection, self.name, [q.name for q in self.queues], requeue=False,
+            max_requeues=self._context.settings.max_requeues, reason=reason,
+            job_class=self.job_class, queue_class=self.queue_class, serializer=self.serializer,
+            unregister=False,
+        )  # fmt: skip
+        self.log.warning("Worker %s: Redis failed over to %s; settled what it held there: %s",
+                         self.name, primary, counts)  # fmt: skip
 
     def _heartbeat_if_due(self) -> None:
         """rq heartbeats before each blocking wait of `dequeue_timeout` seconds: keep that cadence."""

@@ -33,7 +33,7 @@ from resque_starter import job as job_api
 from resque_starter import stacks
 from resque_starter.config import Settings, mask_url
 from resque_starter.connection import connect
-from resque_starter.protocol import WorkerSpec
+from resque_starter.protocol import EXIT_REDIS_UNREACHABLE, WorkerSpec
 from resque_starter.worker.controls import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX, Context, Controls
 from resque_starter.worker.horse import PreforkHorseMixin
 from resque_starter.worker.mixin import StarterMixin
@@ -78,11 +78,15 @@ def run_worker(
 ) -> NoReturn:
     """Entry point in a freshly forked worker process, run with its group's settings (worker class and
     recycling limits may differ per group). Never returns: 0 after a requested stop or a recycle, 70 when
-    the after_fork hook raised, 1 on any other failure. A worker promoted to mold runs `become_mold`
+    the after_fork hook raised, 75 when Redis could not be reached (so the supervisor can say so in the
+    reason of the job this cost), 1 on any other failure. A worker promoted to mold runs `become_mold`
     (without one it stops as after a recycle)."""
     code = EXIT_FAILED
     try:
         code = _serve(settings.for_group(spec.group), spec, status, become_mold)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        log.error("worker[%s] %s: Redis could not be reached (%s); exiting", spec.slot, spec.name, exc)
+        code = EXIT_REDIS_UNREACHABLE
     except BaseException:
         log.exception("worker[%s] %s failed", spec.slot, spec.name)
     finally:

@@ -71,31 +71,23 @@ def base_image() -> str:
     return BASE_IMAGE
 
 
+def build(context: Path, tag: str, base: str) -> str:
+    """`docker build` as the docs say to build offline: host network (the engine may have no bridge),
+    BASE_IMAGE as a build arg, the machine's proxy settings passed on."""
+    proxies = [arg for var in PROXY_VARS if var in os.environ for arg in ("--build-arg", var)]
+    argv = ["docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}", *proxies]
+    result = subprocess.run(
+        [*argv, "-t", tag, str(context)], capture_output=True, text=True, timeout=1200, check=False
+    )
+    if result.returncode != 0:
+        pytest.fail(f"docker build of {context} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return tag
+
+
 @pytest.fixture(scope="session")
 def image(base_image: str) -> str:
     """The image under test, built from this checkout once per session, as a user would."""
-    proxies = [arg for var in PROXY_VARS if var in os.environ for arg in ("--build-arg", var)]
-    result = subprocess.run(
-        [
-            "docker",
-            "build",
-            "--network",
-            "host",
-            "--build-arg",
-            f"BASE_IMAGE={base_image}",
-            *proxies,
-            "-t",
-            IMAGE,
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"docker build failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return IMAGE
+    return build(ROOT, IMAGE, base_image)
 
 
 class Container:
@@ -145,16 +137,17 @@ class Container:
 
 @pytest.fixture
 def run_container(image: str) -> Iterator[Callable[..., Container]]:
-    """run_container(*args, env={...}, docker_args=[...]): start the image with host networking."""
+    """run_container(*args, env={...}, docker_args=[...], of=IMAGE): start the image under test (or
+    another one, `of`) with host networking."""
     started: list[Container] = []
 
-    def run(*args: str, env: dict[str, str] | None = None, docker_args: tuple[str, ...] = ()) -> Container:
+    def run(
+        *args: str, env: dict[str, str] | None = None, docker_args: tuple[str, ...] = (), of: str = image
+    ) -> Container:
         container = Container(f"resque-starter-test-{uuid.uuid4().hex[:10]}")
         started.append(container)
         env_args = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
-        docker(
-            "run", "-d", "--name", container.name, "--network", "host", *env_args, *docker_args, image, *args
-        )
+        docker("run", "-d", "--name", container.name, "--network", "host", *env_args, *docker_args, of, *args)
         return container
 
     yield run

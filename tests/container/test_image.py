@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
+import urllib.request
 from collections.abc import Callable
 
 import pytest
@@ -11,7 +15,8 @@ import redis
 from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
 
-from .conftest import JOBS_MOUNT, Container, docker
+from .conftest import JOBS_MOUNT, ROOT, Container, docker
+from conftest import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
 
@@ -38,13 +43,25 @@ def test_supervisor_is_pid_1_and_processes_jobs_from_the_host_redis(
     assert "resque-starter" in container.exec("cat", "/proc/1/cmdline").stdout.replace("\0", " ")
 
 
-def test_runs_as_the_k8s_pod_does(run_container: Run, worker_env: dict[str, str], conn: redis.Redis) -> None:
-    """As k8s/deployment.yaml runs it: read-only root, only the run dir and /tmp writable, no capabilities."""
-    run_dir = "/run/resque-starter"
-    pod_like = (
-        "--read-only", "--tmpfs", f"{run_dir}:uid=10001,gid=10001,mode=0700", "--tmpfs", "/tmp",
-        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-    )  # fmt: skip
+def documented_read_only_flags() -> list[str]:
+    """`--read-only` and its `--tmpfs` flags, as docs/kubernetes.md tells users to run the image."""
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    [line] = [line for line in text.splitlines() if line.startswith("docker run --read-only ")]
+    words = shlex.split(line.rstrip("\\"))
+    flags = ["--read-only"]
+    for index, word in enumerate(words):
+        if word == "--tmpfs":
+            flags += [word, words[index + 1]]
+    assert "/run/resque-starter" in " ".join(flags), "the docs give no tmpfs for the run dir"
+    return flags
+
+
+def test_runs_read_only_with_the_documented_tmpfs_as_the_k8s_pod_does(
+    run_container: Run, worker_env: dict[str, str], conn: redis.Redis
+) -> None:
+    """As docs/kubernetes.md says to run it, and as k8s/base/deployment.yaml does: read-only root, only the
+    run dir and /tmp writable, no capabilities."""
+    pod_like = (*documented_read_only_flags(), "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
     container = run_container("run", env=worker_env, docker_args=(*JOBS_MOUNT, *pod_like))
     container.wait(lambda: Worker.count(connection=conn) == 1, "a worker registered")
     job = Queue("default", connection=conn).enqueue("testjobs.record", "pod")
@@ -101,6 +118,51 @@ def test_ctl_health_and_docker_healthcheck(
     container.wait(
         lambda: container.inspect("{{.State.Health.Status}}") == "healthy", "docker health: healthy"
     )
+
+
+def health_status(container: Container) -> str:
+    return container.inspect("{{.State.Health.Status}}")
+
+
+def test_healthcheck_passes_in_a_container_that_runs_no_supervisor(run_container: Run) -> None:
+    """Compose's producer runs this image with another entrypoint: no supervisor, nothing unhealthy."""
+    container = run_container(
+        "-c",
+        "import time; time.sleep(300)",
+        docker_args=("--entrypoint", "python", "--health-interval", "1s", "--health-start-period", "0s"),
+    )
+    container.wait(
+        lambda: container.inspect("{{.State.Health.Status}}") == "healthy", "docker health: healthy"
+    )
+
+
+def test_healthcheck_fails_when_the_supervisor_does_not_answer(
+    run_container: Run, worker_env: dict[str, str], conn: redis.Redis
+) -> None:
+    """The check still checks: a supervisor stopped from the host (SIGSTOP) makes the container unhealthy."""
+    health = ("--health-interval", "1s", "--health-start-period", "0s", "--health-timeout", "5s")
+    container = run_container("run", env=worker_env, docker_args=(*JOBS_MOUNT, *health))
+    container.wait(
+        lambda: container.inspect("{{.State.Health.Status}}") == "healthy", "docker health: healthy"
+    )
+    supervisor = int(container.inspect("{{.State.Pid}}"))
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        container.wait(lambda: health_status(container) == "unhealthy", "docker health: unhealthy")
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+
+
+def test_metrics_port_works_in_the_stock_image(
+    run_container: Run, worker_env: dict[str, str], conn: redis.Redis
+) -> None:
+    port = free_port()
+    container = start_worker(run_container, {**worker_env, "RESQUE_STARTER_METRICS_PORT": str(port)}, conn)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert 'resque_starter_workers{state="idle"} 1.0' in response.read().decode()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        assert json.loads(response.read())["ok"] is True
+    assert container.running()
 
 
 @pytest.mark.parametrize(
