@@ -171,3 +171,18 @@ def test_a_job_that_returns_after_the_warning_is_finished(
     assert worker.expect("idle")["done"] == 1
     assert worker.wait() == 0
     assert job.get_status() == JobStatus.FINISHED
+
+
+@FORKING
+def test_usr1_kills_a_job_that_ignores_shutdown_a_grace_later(
+    start: Start, conn: redis.Redis, worker_class: str
+) -> None:
+    worker, job, waiting = run_job(start, conn, "testjobs.ignore_shutdown", worker_class=worker_class)
+    began = time.monotonic()
+    worker.signal(signal.SIGUSR1)
+    assert worker.expect("idle") == {"event": "idle", "done": 0, "failed": 1, "requeued": 0}
+    assert GRACE - 0.3 < time.monotonic() - began < GRACE + 2, "Shutdown first, SIGKILL a grace later"
+    assert conn.lrange("testjobs:done:swallowed", 0, -1) == [job.id.encode()]
+    assert job.get_status() == JobStatus.FAILED
+    assert "SIGUSR1" in (job.latest_result().exc_string or "")  # type: ignore[union-attr]
+    assert worker.expect("busy")["job"] == waiting.id

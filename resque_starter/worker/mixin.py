@@ -132,8 +132,9 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
                 # its horse may have requeued it (Shutdown), in a process of its own
                 self._requeued += job.get_status() == JobStatus.QUEUED
         finally:
-            if self._lifetime_timer is not None:
+            if self._lifetime_timer is not None:  # gone before the next fork (a promotion needs no thread)
                 self._lifetime_timer.cancel()
+                self._lifetime_timer.join()
                 self._lifetime_timer = None
             self._clock.end()
             self._in_process = False
