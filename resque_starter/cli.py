@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from resque_starter import config, control, loader, logs, procmem
-from resque_starter.config import EXIT_CONFIG, ConfigError
+from resque_starter.config import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError
 
 log = logging.getLogger("resque_starter.config")
 
@@ -90,6 +90,9 @@ def run(args: argparse.Namespace, demo: bool) -> int:
     except ConfigError as exc:
         print(f"resque-starter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except KeyboardInterrupt:  # Ctrl-C while the config file runs (its child is killed on the way out)
+        print("resque-starter: interrupted while reading the configuration", file=sys.stderr)
+        return EXIT_INTERRUPTED
     logs.setup(settings.log_level, settings.log_format)
     for line in loader.warnings(environ, settings):
         log.warning("%s", line)
@@ -126,7 +129,8 @@ def ctl(args: argparse.Namespace) -> int:
             print(json.dumps({k: v for k, v in reply.items() if k != "ok"}))
             return 0 if reply.get("ok") else 1
         message = _message(args)
-        print(control.describe(message, control.command(run_dir, message)))
+        reply = control.reload(run_dir) if command == "reload" else control.command(run_dir, message)
+        print(control.describe(message, reply))
         return 0
     except control.Refused as exc:
         print(f"resque-starter ctl {command}: {exc}", file=sys.stderr)

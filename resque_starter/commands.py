@@ -39,8 +39,9 @@ class Supervised(Protocol):
     def request_stop(self, level: StopLevel) -> StopLevel:
         """The level now in effect (a repeated request escalates)."""
 
-    def request_reload(self) -> int:
-        """Start a new generation and return its number; raise Refused saying why it cannot."""
+    def request_reload(self) -> None:
+        """Re-read the configuration (in a child) and start a new generation with it; status() tells
+        `reloading` until then, and `reload_error` if it is refused."""
 
     def kill_jobs(self) -> int:
         """Every worker kills its running job (USR1); how many workers were told."""
@@ -157,7 +158,8 @@ def _intake(intake: Intake) -> Callable[[Supervised, Request], Reply]:
 
 def _reload(sup: Supervised, request: Request) -> Reply:
     _not_stopping(sup)
-    return {"ok": True, "generation": sup.request_reload()}
+    sup.request_reload()
+    return {"ok": True, "reloading": True}
 
 
 def _stop(sup: Supervised, request: Request) -> Reply:

@@ -222,7 +222,7 @@ class Evaluation:
         self._overflow = False
         self._status: int | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.pid = os.fork()
+        self.pid = fork_isolated()
         if self.pid == 0:  # pragma: no cover - the child ends in os._exit
             ours.close()
             _child(theirs, path, list(import_path))
@@ -230,7 +230,8 @@ class Evaluation:
         ours.setblocking(False)
         self.sock = ours
 
-    def on_readable(self) -> None:
+    def on_readable(self, _sock: object = None) -> None:
+        """Read what the child sent so far (the selector callback: `_sock` is the readable socket)."""
         while not self.eof:
             try:
                 chunk = self.sock.recv(65536)
@@ -267,10 +268,14 @@ class Evaluation:
         if self._overflow:
             raise ConfigFileError(f"a Python file whose settings take at most {MAX_RESULT >> 20} MiB")
         if self._complete:
-            kind, payload = _unpickle_plain(bytes(self._data[_HEADER:]))
-            if kind == "error":
-                raise ConfigFileError(payload)
-            return dict(payload)
+            try:
+                kind, payload = _unpickle_plain(bytes(self._data[_HEADER:]))
+                names = dict(payload) if kind == "ok" else None
+            except Exception as e:  # garbled: something else wrote to its socket (a fork of the file)
+                raise ConfigFileError(f"a Python file whose result can be read ({e})") from None
+            if names is None:
+                raise ConfigFileError(str(payload))
+            return names
         if self._status is None:
             raise ConfigFileError(f"a Python file that runs to its end within {self.timeout:g}s (it did not)")
         raise ConfigFileError(f"a Python file that runs to its end (it {_ended(self._status)} before that)")
@@ -305,12 +310,42 @@ class Evaluation:
 
 def _ended(status: int) -> str:
     if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        try:
+            return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"was killed by signal {os.WTERMSIG(status)}"
     return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
-def reset_signals() -> None:
-    """A fork of the supervisor runs user code with the default signal handling, not the supervisor's."""
+def fork_isolated() -> int:
+    """fork(); the child (0 returned there) is the leader of a process group of its own, so that killing
+    the group ends whatever it started too, and handles signals as a plain process does, not as the
+    supervisor it was forked from."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setpgid(0, 0)
+            _reset_signals()
+        except BaseException:  # the child must never go on as a copy of its parent
+            os._exit(1)
+    return pid
+
+
+def wait_or_kill(pid: int, timeout: float) -> int | None:
+    """The exit status of child `pid` within `timeout` seconds, or None: then its group is killed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def _reset_signals() -> None:
     signal.set_wakeup_fd(-1)
     for sig in signal.valid_signals():
         with contextlib.suppress(OSError, ValueError):
@@ -323,8 +358,10 @@ def _child(sock: socket.socket, path: str, import_path: list[str]) -> None:
     """Run the file, send back its public names as plain data (or the error), and exit."""
     code = 0
     try:
-        os.setpgid(0, 0)  # so that its own children end with it (Evaluation.close)
-        reset_signals()
+        # none of the supervisor's sockets and pipes stays open in here (a mold would not see the
+        # supervisor's end close while a config file runs, for one)
+        os.closerange(3, sock.fileno())
+        os.closerange(sock.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
         sys.path[:0] = [entry for entry in import_path if entry not in sys.path]
         try:
             reply: tuple[str, object] = ("ok", {k: plain(v) for k, v in public_names(run_here(path)).items()})

@@ -188,6 +188,23 @@ def drain(run_dir: str, timeout: float, out: Callable[[str], None], group: str |
         time.sleep(0.1)
 
 
+def reload(run_dir: str, timeout: float = 330.0) -> dict[str, Any]:
+    """`ctl reload`: ask for it, then wait until it started a generation (its reply then) or was refused
+    (Refused with the reason). The supervisor reads the config file in a child, never in its loop, so
+    its answer to `reload` only says the reload is under way; `timeout` is past the longest
+    CONFIG_TIMEOUT."""
+    command(run_dir, {"cmd": "reload"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = command(run_dir, {"cmd": "status"})["status"]
+        if not status.get("reloading"):
+            if status.get("reload_error"):
+                raise Refused(f"{status['reload_error']} (the running generation keeps serving)")
+            return {"ok": True, "generation": status["generation"]}
+        time.sleep(0.05)
+    raise ControlError(f"the reload was still reading its configuration after {timeout:.0f}s")
+
+
 # The one line `ctl` prints for each command that changes something, filled from its reply.
 DONE = {
     "scale": "group {group}: {size} worker(s)",

@@ -28,6 +28,7 @@ from resque_starter import (
     cgroups,
     commands,
     config,
+    config_file,
     loader,
     procmem,
     protocol,
@@ -37,7 +38,6 @@ from resque_starter import (
     watchdog,
 )
 from resque_starter import job as job_api
-from resque_starter.commands import Refused
 from resque_starter.config import (
     EXIT_APP_IMPORT,
     EXIT_CONFIG,
@@ -67,6 +67,7 @@ QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
 # A worker stopped on its own (scale-down, reload) is SIGKILLed this long after DRAIN_TIMEOUT, when its
 # own deadline (which kills its job's process at DRAIN_TIMEOUT) did not end it: a SimpleWorker in C code.
 DEADLINE_MARGIN = 1.0
+BEFORE_EXIT_TIMEOUT = 10.0  # seconds the before_exit hook may take
 MOLD_STALL = 5.0  # seconds a mold may leave a request unanswered before it counts as hung
 REDIS_POLL = 0.05  # seconds between looks at a restarting embedded redis-server
 EARLY_EXIT_TTL = 10.0  # seconds an exit reaped before we knew whose it was stays a candidate
@@ -109,6 +110,9 @@ class Supervisor:
         self.early_exits: dict[int, tuple[int, float]] = {}  # pid -> (wait status, when reaped)
         self.serving_generation = 0
         self.reload_error: str | None = None
+        self._reload_wanted = False
+        self._reloading: loader.Loading | None = None  # the configuration a HUP is reading
+        self._config_children: set[int] = set()  # config file readings not reaped yet
         self.interrupted = False
         self.exit_code: int | None = None
         self._pending_exit: int | None = None
@@ -217,15 +221,30 @@ class Supervisor:
             self._control.close()
         if self._metrics is not None:
             self._metrics.close()
-        hook = self.settings.hooks.before_exit
-        if hook is not None:
-            try:
-                hook(self.settings)
-            except Exception:
-                log.exception("before_exit hook raised")
+        if self.settings.hooks.before_exit is not None:
+            self._run_before_exit()
         if self._pid_file_written:
             rundir.remove_pid_file(self._pid_file_written)
         log.info("supervisor exiting with code %s", self.exit_code)
+
+    def _run_before_exit(self) -> None:
+        """The before_exit hook, in a child with a deadline: a hook that hangs or calls os._exit cannot
+        keep PID 1 from exiting, and one from the config file is read there (config_file.FileHook)."""
+        hook = self.settings.hooks.before_exit
+        assert hook is not None
+        pid = config_file.fork_isolated()
+        if pid == 0:
+            code = 0
+            try:
+                hook(self.settings)
+            except BaseException:
+                log.exception("before_exit hook raised")
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        if config_file.wait_or_kill(pid, BEFORE_EXIT_TIMEOUT) is None:
+            log.error("before_exit hook did not finish within %.0fs; killed it", BEFORE_EXIT_TIMEOUT)
 
     def _on_loop_fault(self) -> None:
         """A bug in a loop step must not unwind PID 1 (the container, and every running job, would go
@@ -286,6 +305,8 @@ class Supervisor:
             deadlines += [
                 t for t in (w.kill_at, watchdog.next_due(w, self.settings.stuck_grace)) if t is not None
             ]
+        if self._evaluation is not None:
+            deadlines.append(self._evaluation.deadline)
         deadlines += [due for server in self._listeners() if (due := server.next_deadline()) is not None]
         if self._signals:
             return 0
@@ -373,13 +394,40 @@ class Supervisor:
                 return w.row()
         return None
 
-    def request_reload(self) -> int:
-        """HUP: re-read the configuration and start a new generation; the loop swaps workers over."""
+    def request_reload(self) -> None:
+        """HUP: re-read the configuration and start a new generation; the loop swaps workers over.
+        Only the wish is recorded here: `_converge_reload` reads the config (the file in a child, never
+        in this loop) and starts the generation when the result arrives."""
+        self._reload_wanted = True
+        self.reload_error = None  # the outcome of this reload, once it is known (`reloading` until then)
+
+    def _converge_reload(self) -> None:
+        """Start reading the configuration when a reload is wanted (anew if a reading is under way: the
+        file may have changed since it started), and apply it once it is read; a config that fails,
+        hangs past its deadline or dies is a refused reload, and the serving generation goes on."""
+        if self.stop_level is not None or self._reload_wanted:
+            self._cancel_reload()
+        if self._reload_wanted and self.stop_level is None:
+            self._reload_wanted = False
+            try:
+                self._reloading = loader.Loading(self._flags, self._environ)
+            except ConfigError as exc:
+                self._refuse_reload(exc)
+                return
+            evaluation = self._evaluation
+            if evaluation is not None:
+                self._config_children.add(evaluation.pid)
+                self._selector.register(evaluation.sock, selectors.EVENT_READ, evaluation.on_readable)
+                log.info("reload: running %s in pid %d", evaluation.path, evaluation.pid)
+        loading = self._reloading
+        if loading is None or (self._evaluation is not None and not self._evaluation.done):
+            return
+        self._cancel_reload()
         try:
-            new = loader.load(self._flags, self._environ)
+            new = loading.settings()
         except ConfigError as exc:
-            self.reload_error = str(exc)
-            raise Refused(f"{exc} (the running generation keeps serving)") from None
+            self._refuse_reload(exc)
+            return
         if new.redis_url is None:
             new = dataclasses.replace(new, redis_url=self.settings.redis_url)
         self.sizes = self._sizes_after_reload(new)
@@ -390,7 +438,23 @@ class Supervisor:
         self.reloads += 1
         self.reload_error = None
         log.info("reload: starting generation %d", self.generation)
-        return self.generation
+
+    @property
+    def _evaluation(self) -> config_file.Evaluation | None:
+        """The config file a HUP is running, if any."""
+        return self._reloading.evaluation if self._reloading is not None else None
+
+    def _cancel_reload(self) -> None:
+        """Stop watching the reading under way (its child is killed by close() and reaped by _reap)."""
+        if self._evaluation is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self._evaluation.sock)
+            self._evaluation.close()
+        self._reloading = None
+
+    def _refuse_reload(self, exc: ConfigError) -> None:
+        self.reload_error = str(exc)
+        log.error("reload refused, the running generation keeps serving: %s", exc)
 
     def _sizes_after_reload(self, new: Settings) -> list[int]:
         """Groups match by name: one keeps the size it was scaled to (TTIN, `ctl scale`) unless the
@@ -408,6 +472,7 @@ class Supervisor:
         self._kill_hung_molds()
         self._converge_redis()
         self._update_serving()
+        self._converge_reload()
         self._converge_molds()
         if self.exit_code is not None:
             return
@@ -432,6 +497,11 @@ class Supervisor:
             self._on_exit(pid, status)
 
     def _on_exit(self, pid: int, status: int) -> None:
+        if pid in self._config_children:
+            self._config_children.discard(pid)
+            if self._evaluation is not None and self._evaluation.pid == pid:
+                self._evaluation.exited(status)
+            return
         for mold in list(self.molds.values()):
             if mold.pid == pid:
                 self._on_mold_exit(mold, status)
@@ -1085,6 +1155,7 @@ class Supervisor:
             ],
             "workers": workers,
             "reload_error": self.reload_error,
+            "reloading": self._reload_wanted or self._reloading is not None,
             "restarts": self.restarts,
             "reloads": self.reloads,
             "jobs": dict(self.jobs),

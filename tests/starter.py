@@ -70,17 +70,20 @@ class Starter:
         command: str = "run",
         run_dir: str | None = None,
         module: str = "resque_starter",
+        cwd: str = str(ROOT),
+        launcher: tuple[str, ...] | None = None,
     ) -> None:
         """`run_dir`: where the supervisor's default run dir will be, when env does not set one;
-        `module`: what `python -m` runs (a test's wrapper of the command)."""
+        `module`: what `python -m` runs (a test's wrapper of the command); `launcher`: the command
+        instead of `python -m module` (a console script, as pip installs it), run in `cwd`."""
         self.env = env
         self.run_dir = run_dir or env["RESQUE_STARTER_RUN_DIR"]
         self.log_path = Path(self.run_dir).parent / f"starter-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._prefix = prefix
         self._inner: int | None = None
-        argv = [*prefix, sys.executable, "-m", module, command, *args]
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        argv = [*prefix, *(launcher or (sys.executable, "-m", module)), command, *args]
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd)
         self.url = env.get("REDIS_URL") or f"unix://{self.run_dir}/redis.sock"
 
     @property
@@ -97,6 +100,21 @@ class Starter:
 
             self._inner = int(wait_for(child, what="the wrapped supervisor to start"))  # type: ignore[arg-type]
         return self._inner
+
+    def host_pid(self, pid: int) -> int:
+        """A pid the supervisor reports as seen from the test: under `unshare` the supervisor and its
+        children live in a PID namespace of their own, whose pids are not the test's."""
+        if not self._prefix:
+            return pid
+        for p in descendants(self.proc.pid):
+            try:
+                with open(f"/proc/{p}/status") as f:
+                    for line in f:
+                        if line.startswith("NSpid:") and int(line.split()[-1]) == pid:
+                            return p
+            except OSError:
+                continue
+        raise AssertionError(f"no process with namespace pid {pid}")
 
     def connection(self) -> redis.Redis:
         return connect(self.url)

@@ -446,6 +446,11 @@ def before_exit(settings):
         ("CONCURRENCY = 4\n", "settings are lowercase: write concurrency instead of CONCURRENCY"),
         ("after_fork = 3\n", "hook after_fork must be a function, not int"),
         ("config = 'other.py'\n", "cannot name another config file"),
+        (
+            "config_timeout = 60\n",
+            "config_timeout is set by RESQUE_STARTER_CONFIG_TIMEOUT or --config-timeout only",
+        ),
+        ("def before_exit(s): pass\nbefore_exit = 1\n", "hook before_exit must be a function, not int"),
         ("x = (\n", "SyntaxError at line 1"),
         ("raise RuntimeError('boom\\nagain')\n", "it raised RuntimeError: boom again"),
         ("import sys\nsys.exit(3)\n", "it raised SystemExit: 3"),
@@ -479,6 +484,9 @@ def test_bad_value_in_config_file_names_the_file(tmp_path: Path) -> None:
         ("queues", "[1, 2]"),
         ("max_memory", "1.5"),
         ("log_level", "10"),
+        ("queues", "[object()]"),
+        ("concurrency", "__import__('decimal').Decimal(3)"),
+        ("groups", "{'a': lambda: 1}"),
     ],
 )
 def test_wrong_native_types_in_config_file(tmp_path: Path, field: str, value: str) -> None:

@@ -16,7 +16,7 @@ from rq.command import send_stop_job_command
 from rq.job import Job, JobStatus
 from test_groups import group_env, in_group, wait_groups
 
-from resque_starter import config
+from resque_starter import config, loader
 from resque_starter.supervisor import Supervisor
 
 from conftest import wait_for
@@ -197,7 +197,7 @@ def test_health_without_a_flag_is_live(start) -> None:
 def supervisor() -> Supervisor:
     """The supervisor object, not started: its signal handling is plain methods on desired state."""
     env = {"RESQUE_STARTER_CONCURRENCY": str(config.MAX_GROUP_SIZE), "REDIS_URL": "redis://127.0.0.1:1"}
-    return Supervisor(config.load({}, env), {}, {})
+    return Supervisor(loader.load({}, env), {}, {})
 
 
 def test_ttin_has_the_bound_of_ctl_scale(supervisor: Supervisor, caplog: pytest.LogCaptureFixture) -> None:

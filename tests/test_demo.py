@@ -30,6 +30,7 @@ def test_the_demo_runs_jobs_on_an_embedded_redis_and_a_stop_leaves_nothing(
     assert status["app"] == ["resque_starter.demo.tasks"]
     assert status["redis_url"] == f"unix://{run_dir}/redis.sock"
     assert "REDIS_URL is not set: started an embedded redis-server" in s.log()
+    assert "RESQUE_STARTER_APP is not set" not in s.log(), "the demo sets its app: no warning"
     tree = descendants(s.pid)
     assert [p for p in tree if "redis-server" in cmdline(p)], "the embedded redis-server is our child"
     [producer] = [p for p in tree if "resque-starter: demo producer" in cmdline(p)]

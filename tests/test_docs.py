@@ -91,6 +91,12 @@ def test_relative_links_resolve(path: Path) -> None:
     assert broken == []
 
 
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda path: str(path.relative_to(ROOT)))
+def test_no_page_holds_merge_conflict_markers(path: Path) -> None:
+    markers = re.findall(r"^(?:<{7}|={7}|>{7})(?: .*)?$", path.read_text(), re.M)
+    assert markers == [], f"{path.name}: an unresolved merge"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda path: path.name)
 def test_long_pages_have_a_table_of_contents_that_matches_their_headings(page: Path) -> None:
     text = page.read_text()

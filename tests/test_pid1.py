@@ -150,7 +150,7 @@ def test_a_worker_killed_mid_job_leaves_its_job_failed_with_a_reason(start, conn
     busy = wait_for(lambda: [w for w in s.status()["workers"] if w["state"] == "busy"], what="busy status")
     horse = busy[0]["horse_pid"]  # type: ignore[index]
     assert horse
-    host_pid = _host_pid(s, worker["pid"])
+    host_pid = s.host_pid(worker["pid"])
     # pre-forked: the worker's horse forker, the horse, and the next one forked while it runs
     expected = 3 if prefork == "true" else 1
 
@@ -171,19 +171,6 @@ def test_a_worker_killed_mid_job_leaves_its_job_failed_with_a_reason(start, conn
     assert not zombies(s)
     s.wait_workers(1)
     assert worker["name"] not in {w["name"] for w in s.status()["workers"]}
-
-
-def _host_pid(s: Starter, ns_pid: int) -> int:
-    """A pid the supervisor reports (its namespace's) as seen from the test (the host's)."""
-    for p in descendants(s.proc.pid):
-        try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("NSpid:") and int(line.split()[-1]) == ns_pid:
-                        return p
-        except OSError:
-            continue
-    raise AssertionError(f"no process with namespace pid {ns_pid}")
 
 
 def test_a_fault_in_the_loop_is_a_logged_quick_stop_not_a_crash(starters, redis_url, run_dir, conn) -> None:

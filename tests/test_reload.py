@@ -27,6 +27,7 @@ from starter import (
     base_env,
     children,
     cmdline,
+    ctl,
     descendants,
     ok,
     process_state,
@@ -276,7 +277,7 @@ def test_a_reload_to_broken_code_keeps_the_old_generation_serving(
     workers = s.wait_workers(2)
     [old_mold] = s.status()["molds"]
     app.break_it(source)
-    assert s.ctl({"cmd": "reload"}) == {"ok": True}
+    assert s.ctl({"cmd": "reload"}) == {"ok": True, "reloading": True}
 
     def failed() -> dict[str, Any] | None:
         status = s.status()
@@ -483,10 +484,12 @@ def test_a_scaled_count_survives_a_reload_unless_the_config_file_changes_it(
     s.signal(signal.SIGHUP)
     assert served_by(s, 2, 2)["groups"][0]["size"] == 2, "the config did not change: the scaled count stays"
     conf.write_text("concurrency = 'three'\n")
-    reply = s.ctl({"cmd": "reload"})
-    assert not reply["ok"] and "RESQUE_STARTER_CONCURRENCY" in reply["error"], "a bad config is refused"
+    refused = ctl(s.run_dir, "reload")
+    assert refused.returncode == 1 and "RESQUE_STARTER_CONCURRENCY" in refused.stderr, (
+        "a bad config is refused"
+    )
     status = s.status()
-    assert status["generation"] == 2 and status["reload_error"] == reply["error"]
+    assert status["generation"] == 2 and status["reload_error"] in refused.stderr
     conf.write_text("concurrency = 3\n")
     s.signal(signal.SIGHUP)
     assert served_by(s, 3, 3)["groups"][0]["size"] == 3, "a count changed in the config file is applied"
