@@ -73,7 +73,9 @@ class StopClock:
         signalled = False
         while self._kind:
             assert job_api._page is not None
-            shutdown_at, kill_at, _kind = job_api._page.read()
+            shutdown_at, kill_at, kind = job_api._page.read()
+            if not kind:  # the job ended (end() clears the page): nothing is due any more
+                return
             now = time.monotonic()
             if now >= kill_at and self._kill():
                 return
