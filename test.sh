@@ -28,4 +28,16 @@ if [ "${RESQUE_STARTER_SKIP_DOCKER:-}" != 1 ] && [ -x docker/ci-setup.sh ] && [ 
 fi
 
 .venv/bin/ruff check .
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest -q "$@"
+# rq's own tests against our three worker classes, in parallel (tests/rq_suite/run.sh): here its worker,
+# job, registry and command tests (1 to 1.5 minutes on 2 cores), unless pytest was given arguments;
+# RESQUE_STARTER_RQ_SUITE=full runs all of them (the GitHub workflow does), =skip none.
+rq_suite=quick
+[ $# -eq 0 ] || rq_suite=skip
+case "${RESQUE_STARTER_RQ_SUITE:-$rq_suite}" in
+  quick) PYTHON=.venv/bin/python tests/rq_suite/run.sh --quick ;;
+  full) PYTHON=.venv/bin/python tests/rq_suite/run.sh ;;
+  skip) ;;
+  *) echo "RESQUE_STARTER_RQ_SUITE=${RESQUE_STARTER_RQ_SUITE} is not allowed: quick, full or skip" >&2; exit 2 ;;
+esac

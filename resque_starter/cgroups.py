@@ -65,7 +65,7 @@ def _ratio(quota: str | None, period: str | None) -> float | None:
     return q / p if q > 0 and p > 0 else None
 
 
-def _v2_cpus(_: Path, text: str) -> float | None:
+def _v2_cpus(_path: Path, text: str) -> float | None:
     quota, _, period = text.partition(" ")
     return _ratio(quota, period)
 

@@ -85,7 +85,7 @@ SIGNALS: dict[int, Request] = {
 def for_signal(signum: int, term: str) -> Request | None:
     """The request a signal stands for; TERM is a graceful or a quick stop as RESQUE_STARTER_TERM says."""
     if signum == signal.SIGTERM:
-        return {"cmd": "stop", "quick": term != "graceful"}
+        return {"cmd": "stop", "quick": term != StopLevel.GRACEFUL.label}
     return SIGNALS.get(signum)
 
 

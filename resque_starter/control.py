@@ -210,7 +210,7 @@ DONE = {
     "scale": "group {group}: {size} worker(s)",
     "pause": "paused {which}: its workers take no new job until ctl resume",
     "resume": "resumed {which}: its workers take jobs again",
-    "reload": "reloading: generation {generation} starts; the serving one serves until it is ready",
+    "reload": "reloading: a new generation starts; the serving one serves until it is ready",
     "stop": "stopping ({stopping}): ctl status shows the workers left",
     "kill-jobs": "kill-jobs: told {workers} worker(s) to kill their running job",
     "kill": "killing job {job} ({worker[job_func]}) on worker {worker[group]}:{worker[slot]} "

@@ -171,7 +171,7 @@ def summary(mem: dict[str, Any]) -> str:
 def format_report(mem: dict[str, Any]) -> str:
     """The `ctl mem` table: one row a process, the totals, then the summary sentence."""
     header = ("PROCESS", "PID", "RSS", "PSS", "USS", "SHARED")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for p in mem["processes"]:
         rows.append((p["role"], str(p["pid"]), *(mb(p[name]) for name in FIELDS)))
     rows.append(("total", "", *(mb(mem["total"][name]) for name in FIELDS)))

@@ -10,7 +10,7 @@ Sentinels' discovery of the primary are redis-py's to get right, not this module
 from __future__ import annotations
 
 import socket
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 
 def ping(url: str, timeout: float) -> bool:
@@ -49,7 +49,7 @@ def _ping_with_redis_py(url: str, timeout: float) -> bool:
         connection.close(client)
 
 
-def _connect(parts, timeout: float) -> socket.socket:  # type: ignore[no-untyped-def]
+def _connect(parts: SplitResult, timeout: float) -> socket.socket:
     if parts.scheme == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)

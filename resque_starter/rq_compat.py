@@ -20,7 +20,7 @@ from redis.client import Pipeline
 from rq.executions import Execution
 from rq.job import UNEVALUATED, Job
 from rq.queue import Queue
-from rq.utils import now
+from rq.worker import BaseWorker
 
 if TYPE_CHECKING:
     from rq.worker import Worker
@@ -76,20 +76,31 @@ WORKER_ATTRIBUTES = (
     "max_connection_wait_time",
 )  # fmt: skip
 
-# What rq's work loop calls, in order, for one job (SimpleWorker, and rq.Worker in the worker process):
-# `name:state` for set_state. The mixins rely on it: prepare_execution sets BUSY on its own transaction's
-# pipeline (the claim leaves in it); execute_job ends by setting IDLE, and the loop's heartbeat and its
-# check for `rq suspend` come right after, so the job's end sends them in one round trip; a job's run
-# in a horse begins with prepare_job_execution and a success ends in _finalize_success.
+# rq's private methods (and one public one rq calls only from its own signal handler) called here, with
+# the parameters (after self) passed to them.
+PRIVATE_CALLS: dict[tuple[type, str], tuple[str, ...]] = {
+    (Queue, "_enqueue_job"): ("job", "pipeline", "at_front", "unique"),
+    (Job, "_handle_failure"): (
+        "exc_string", "pipeline", "worker_name", "execution_id", "execution_started_at", "execution_ended_at",
+    ),
+    (Execution, "__init__"): ("id", "job_id", "connection", "worker_name"),
+    (Job, "restore"): ("raw_data",),
+    (BaseWorker, "set_shutdown_requested_date"): (),
+}  # fmt: skip
+
+# What rq's work loop calls, in order, from a job's start to the wait for the next one (SimpleWorker, and
+# rq.Worker in the worker process), `set_state:STATE` for set_state. The mixins rely on it: prepare_execution
+# sets BUSY on its own transaction's pipeline (the claim leaves the claim list in it); execute_job ends by
+# setting IDLE, and the loop's heartbeat and its check for `rq suspend` come right after, so the job's end
+# sends them in one round trip; in a horse, a job's run begins with prepare_job_execution (the pre-forked
+# horse's worker did that already) and a success ends in _finalize_success (which it hands back).
 WORK_LOOP_SIMPLE = (
-    "check_for_suspension", "dequeue_job_and_maintain_ttl", "set_state:idle", "heartbeat", "execute_job",
-    "prepare_execution", "set_state:busy", "perform_job", "prepare_job_execution", "_finalize_success",
-    "handle_execution_ended", "set_state:idle", "heartbeat", "check_for_suspension",
+    "execute_job", "prepare_execution", "set_state:busy", "perform_job", "prepare_job_execution", "heartbeat",
+    "_finalize_success", "handle_execution_ended", "set_state:idle", "heartbeat", "check_for_suspension",
 )  # fmt: skip
 WORK_LOOP_FORKING = (
-    "check_for_suspension", "dequeue_job_and_maintain_ttl", "set_state:idle", "heartbeat", "execute_job",
-    "prepare_execution", "set_state:busy", "fork_work_horse", "monitor_work_horse", "wait_for_horse",
-    "set_state:idle", "heartbeat", "check_for_suspension",
+    "execute_job", "prepare_execution", "set_state:busy", "fork_work_horse", "monitor_work_horse",
+    "wait_for_horse", "set_state:idle", "heartbeat", "check_for_suspension",
 )  # fmt: skip
 
 
@@ -133,9 +144,10 @@ def become_horse(worker: WorkerBase) -> None:
     worker._horse_pid = 0
 
 
-def record_shutdown_request(worker: WorkerBase) -> None:
-    """What rq's request_stop records on a warm shutdown: the worker hash's shutdown_requested_date."""
-    worker._shutdown_requested_date = now()
+def record_shutdown_request(worker: WorkerBase, when: datetime) -> None:
+    """What rq's request_stop records on a warm shutdown during a job: the worker hash's
+    shutdown_requested_date."""
+    worker._shutdown_requested_date = when
     worker.set_shutdown_requested_date()
 
 

@@ -174,7 +174,7 @@ def test_every_command_that_changes_something_prints_one_line(start, conn) -> No
         (("resume",), "resumed every group: its workers take jobs again"),
         (("kill-jobs",), "kill-jobs: told 1 worker(s) to kill their running job"),
         (("scale", "2"), "group default: 2 worker(s)"),
-        (("reload",), "reloading: generation 2 starts; the serving one serves until it is ready"),
+        (("reload",), "reloading: a new generation starts; the serving one serves until it is ready"),
     ):
         assert ok(s.run_dir, *args) == line + "\n"
     assert ok(s.run_dir, "stop") == "stopping (graceful): ctl status shows the workers left\n"

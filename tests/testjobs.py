@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import date
 
-from rq import Queue, Retry, Worker, get_current_job
+from rq import Queue, Retry, SimpleWorker, Worker, get_current_job
 from rq.job import Job
 from rq.suspension import suspend
 
@@ -213,6 +213,27 @@ class ForeignHorseWorker(Worker):
 
     def monitor_work_horse(self, job: Job, queue: Queue, execution: object) -> None:
         time.sleep(3600)
+
+
+class QuietWorker(Worker):
+    """rq's switch that keeps a job's description, its arguments included, out of the worker's logs
+    (what `rq worker --disable-job-desc-logging` sets)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **{**kwargs, "log_job_description": False})  # type: ignore[arg-type]
+
+
+class QuietSimpleWorker(SimpleWorker):
+    """QuietWorker's switch over rq.SimpleWorker."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **{**kwargs, "log_job_description": False})  # type: ignore[arg-type]
+
+
+class PrefixedQueue(Queue):
+    """An app's own queue class, whose queues live under keys of its own."""
+
+    redis_queue_namespace_prefix = "testjobs:queue:"
 
 
 def checkpoint(tag: str = "done") -> str:

@@ -11,18 +11,17 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from rq.job import Job
+from rq.utils import now
 
 from resque_starter import job as job_api
 from resque_starter import orphans, protocol
 from resque_starter.config import Settings
 from resque_starter.protocol import WorkerSpec
-
-if TYPE_CHECKING:
-    from resque_starter.worker.mixin import StarterMixin
 
 REDIS_BACKOFF_FIRST = 0.5  # waiting for Redis: the first wait, doubled up to the last
 REDIS_BACKOFF_MAX = 30.0
@@ -33,6 +32,12 @@ QUICK_STOP_REASON = job_api.reason(QUICK_STOP)
 KILL_JOB_REASON = job_api.reason(KILL_JOB)
 
 _OUR_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
+
+
+class Interruptible(Protocol):
+    """The worker, as the signal handlers see it (StarterMixin)."""
+
+    def stop_job(self, kind: int) -> None: ...
 
 
 class Controls:
@@ -47,14 +52,22 @@ class Controls:
     def __init__(self, paused: bool) -> None:
         self.stop = False
         self.quick = False
+        self.stop_requested_at: datetime | None = None  # of a warm shutdown (TERM, QUIT, `rq shutdown`)
         self.paused = paused
-        self.worker: StarterMixin | None = None
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
+        self.worker: Interruptible | None = None
+        self.installed = False  # our signal handlers (a worker rq's own code built installs them in work())
+        self._read = self._write = -1  # the wakeup pipe, made when first needed
+
+    def _pipe(self) -> tuple[int, int]:
+        if self._read < 0:
+            self._read, self._write = os.pipe()
+            os.set_blocking(self._read, False)
+            os.set_blocking(self._write, False)
+        return self._read, self._write
 
     def install(self) -> None:
-        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self.installed = True
+        signal.set_wakeup_fd(self._pipe()[1], warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGQUIT, self._on_stop)
         signal.signal(signal.SIGINT, self._on_quick_stop)
@@ -64,37 +77,41 @@ class Controls:
 
     def uninstall_in_child(self) -> None:
         """In a fork of the worker (horse, scheduler): none of this belongs to it."""
-        signal.set_wakeup_fd(-1)
-        for signum in _OUR_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        os.close(self._read)
-        os.close(self._write)
+        if self.installed:
+            self.installed = False
+            signal.set_wakeup_fd(-1)
+            for signum in _OUR_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+        if self._read >= 0:
+            os.close(self._read)
+            os.close(self._write)
+            self._read = self._write = -1
 
     @property
     def wake_fd(self) -> int:
         """Readable once a signal came: what an idle wait selects on besides Redis."""
-        return self._read
+        return self._pipe()[0]
 
     def request_stop(self) -> None:
-        """A graceful stop asked from another thread (rq's command listener): as SIGTERM does, the flag
-        and a byte in the wakeup pipe, which ends an idle wait at once."""
+        """A warm shutdown (TERM, QUIT, or rq's command listener in another thread): the flag, when it
+        was asked (rq records that), and a byte in the wakeup pipe, which ends an idle wait at once."""
         self.stop = True
+        self.stop_requested_at = self.stop_requested_at or now()
         if self.worker is not None:
             self.worker.stop_job(STOPPING)
         with contextlib.suppress(BlockingIOError):
-            os.write(self._write, b"\0")
+            os.write(self._pipe()[1], b"\0")
 
     def wait(self, timeout: float) -> None:
         """Sleep up to `timeout` seconds; any signal ends it early."""
-        select.select([self._read], [], [], timeout)
+        read = self._pipe()[0]
+        select.select([read], [], [], timeout)
         with contextlib.suppress(BlockingIOError):
-            while os.read(self._read, 512):
+            while os.read(read, 512):
                 pass
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stop = True
-        if self.worker is not None:
-            self.worker.stop_job(STOPPING)
+        self.request_stop()
 
     def _on_quick_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop = self.quick = True
@@ -114,12 +131,13 @@ class Controls:
 
 @dataclass
 class Context:
-    """Everything the worker needs from its environment, built once in run_worker."""
+    """Everything the worker needs from its environment, built once in run_worker (or, for a worker
+    class rq builds itself, as in Worker.find_by_key, `detached`)."""
 
     settings: Settings
     spec: WorkerSpec
     controls: Controls
-    status: socket.socket
+    status: socket.socket | None  # to the supervisor; None when there is none
     queues: tuple[str, ...] = ()
     label: str = ""
     deadline: float | None = None
@@ -129,13 +147,24 @@ class Context:
     _released: bool = field(default=False, repr=False)
     _hung_up: bool = field(default=False, repr=False)
 
+    @classmethod
+    def detached(cls) -> Context:
+        """For a worker built with no supervisor, as rq's own code builds one (find_by_key, all(), a
+        script): the default settings, no status socket; it installs its signal handlers in work()."""
+        spec = WorkerSpec(group=0, slot=0, generation=0, name="")
+        return cls(Settings(), spec, Controls(paused=False), None)
+
     def send(self, message: dict[str, Any]) -> None:
         """Tell the supervisor; it may be gone (then nobody is listening), which is not our problem."""
+        if self.status is None:
+            return
         with contextlib.suppress(OSError):
             protocol.send(self.status, message)
 
     def promotion_requested(self) -> bool:
         """Read, without blocking, whether the supervisor sent `promote` (its only message to a worker)."""
+        if self.status is None:
+            return False
         while self.promote_to is None and select.select([self.status], [], [], 0)[0]:
             try:
                 data = self.status.recv(65536)
@@ -152,7 +181,9 @@ class Context:
     def watched(self) -> tuple[int, ...]:
         """What an idle wait also wakes on: the supervisor's socket, until it hangs up (then it would
         be readable forever)."""
-        return () if self._hung_up or self.promote_to is not None else (self.status.fileno(),)
+        if self.status is None or self._hung_up or self.promote_to is not None:
+            return ()
+        return (self.status.fileno(),)
 
     def title(self, state: str) -> str:
         return f"resque-starter: worker[{self.label}] gen={self.spec.generation} {state}"
@@ -164,7 +195,8 @@ class Context:
         had waiting could then still move a job into the dead worker's list after its recovery."""
         if self._released:
             return  # a fork of a fork: already done in its parent
-        self.status.close()
+        if self.status is not None:
+            self.status.close()
         self.release()
         orphans.die_with_parent(self.pid)
 
@@ -177,6 +209,8 @@ class Context:
 
 @dataclass
 class Running:
+    """The job the worker runs now."""
+
     job_id: str
     func: str
     queue: str

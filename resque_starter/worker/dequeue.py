@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import redis
+from redis.client import Pipeline
 from redis.commands.core import Script
 from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job
@@ -20,8 +21,8 @@ from rq.worker import WorkerStatus
 
 from resque_starter import claims, recovery
 from resque_starter.connection import primary_address
-from resque_starter.rq_compat import WorkerBase
-from resque_starter.worker.controls import REDIS_BACKOFF_FIRST, REDIS_BACKOFF_MAX, Context, Controls
+from resque_starter.worker.bookkeeping import ReportingMixin
+from resque_starter.worker.controls import Context, Controls
 from resque_starter.worker.idle_wait import IdleWait
 
 # How long one idle wait lasts at most. A job on any queue, a signal or a message from the supervisor
@@ -40,13 +41,14 @@ def private_memory() -> int:
     return total
 
 
-class ClaimingMixin(WorkerBase):
-    """rq's dequeue, with claims, pause and recycling; titles and events come from ReportingMixin."""
+class ClaimingMixin(ReportingMixin):
+    """rq's dequeue, with claims, pause and recycling (over ReportingMixin: titles, events, round trips)."""
 
     _context: Context
     _controls: Controls
     _jobs_done: int
     _claim_first: Script | None
+    _claimed: tuple[str, str] | None = None  # (job id, queue name) until the execution records it
     _idle_wait: IdleWait | None = None
     _claims_unsure = False  # a wait broke off with an error: a job may sit in a claim list of ours
     _primary: str | None = None  # a Sentinel primary's address, as of the last claim
@@ -63,7 +65,7 @@ class ClaimingMixin(WorkerBase):
         """
         self.set_state(WorkerStatus.IDLE)
         self._set_title(f"idle queues={','.join(self._context.queues)}")
-        wait = REDIS_BACKOFF_FIRST
+        wait = 1.0  # rq's first wait for Redis, grown by its exponential_backoff_factor
         idle_since = time.monotonic()
         while True:
             try:
@@ -79,12 +81,12 @@ class ClaimingMixin(WorkerBase):
                     self._release_claims()
                     self._claims_unsure = False
                 result = self._claim(block=timeout is not None)
-                wait = REDIS_BACKOFF_FIRST
+                wait = 1.0
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 self._claims_unsure = True
                 self.log.error("Worker %s: Redis unreachable (%s), retrying in %.1fs", self.name, exc, wait)
                 self._controls.wait(wait)
-                wait = min(wait * 2, REDIS_BACKOFF_MAX)
+                wait = min(wait * self.exponential_backoff_factor, self.max_connection_wait_time)
                 continue
             if result is not None or timeout is None:
                 return result
@@ -124,7 +126,9 @@ class ClaimingMixin(WorkerBase):
         names = [queue.name for queue in ordered]
         assert self._claim_first is not None
         prefix = self.job_class.redis_job_namespace_prefix
-        found = claims.claim_first(self._claim_first, self.name, ordered, prefix)
+        found: tuple[str, str, list[bytes] | None] | None = claims.claim_first(
+            self._claim_first, self.name, ordered, prefix
+        )
         if found is None and block:
             found = self._wait_for_job(ordered)
         if found is None:
@@ -141,8 +145,24 @@ class ClaimingMixin(WorkerBase):
             return None
         self.reorder_queues(reference_queue=queue)
         job.redis_server_version = self.get_redis_server_version()
-        self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+        if self.log_job_description:  # what rq logs for a dequeued job
+            self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+        else:
+            self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
+        self._claimed = (job.id, queue.name)
         return job, queue
+
+    def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
+        """rq's prepare_execution sets the worker BUSY in the transaction that records the execution:
+        the claimed job leaves its claim list in the same transaction (from then on the execution names
+        it), with the heartbeat rq's dequeue sends once it has a job."""
+        claimed = self._claimed
+        if pipeline is not None and state == WorkerStatus.BUSY and claimed is not None:
+            self._claimed = None
+            job_id, queue_name = claimed
+            pipeline.lrem(claims.claim_key(self.name, queue_name), 1, job_id)
+            self.heartbeat(pipeline=pipeline)
+        super().set_state(state, pipeline)
 
     def _wait_for_job(self, ordered: list[Queue]) -> tuple[str, str, None] | None:
         """Block on every queue at once (see idle_wait) for up to CLAIM_POLL_SECONDS, shorter when a
@@ -155,9 +175,13 @@ class ClaimingMixin(WorkerBase):
             [queue.key for queue in ordered],
             [claims.claim_key(self.name, name) for name in names],
             min(CLAIM_POLL_SECONDS, self.dequeue_timeout, self._until_recycle()),
-            self._context.watched(),
+            (*self._context.watched(), *self._idle_watch()),
         )
         return (names[won[0]], won[1], None) if won is not None else None
+
+    def _idle_watch(self) -> tuple[int, ...]:
+        """More descriptors whose news ends an idle wait (the pre-forked horse's forker)."""
+        return ()
 
     def _until_recycle(self) -> float:
         deadline = self._context.deadline

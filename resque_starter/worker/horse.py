@@ -49,13 +49,13 @@ class PreforkHorseMixin(StarterMixin):
     _handed_back: bytes | None = None  # in the worker: the horse's return value, to finish the job with
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
-        super().bootstrap(*args, **kwargs)  # type: ignore[misc]
+        super().bootstrap(*args, **kwargs)
         os.register_at_fork(after_in_child=self._close_in_child)
         self._ensure_spare()
 
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
         self._ensure_spare()  # while the horse runs the job
-        super().monitor_work_horse(job, queue, execution)  # type: ignore[misc]
+        super().monitor_work_horse(job, queue, execution)
         payload, self._handed_back = self._handed_back, None
         if payload is not None:
             serialized, job.started_at = pickle.loads(payload)
@@ -79,7 +79,7 @@ class PreforkHorseMixin(StarterMixin):
         return horse.pid, status, rusage
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
-        finished = super().perform_job(job, queue, execution)  # type: ignore[misc]
+        finished = super().perform_job(job, queue, execution)
         if self._report is not None:
             self._report(DONE)
         return finished
@@ -96,9 +96,10 @@ class PreforkHorseMixin(StarterMixin):
         job_api.set_performing(False)
         payload = self._hand_back(job, return_value) if self._report is not None else None
         if payload is None:
-            super()._finalize_success(job, queue, execution, return_value)  # type: ignore[misc]
+            super()._finalize_success(job, queue, execution, return_value)
             return
         report, self._report = self._report, None
+        assert report is not None  # payload is None without one
         report(payload)
 
     @staticmethod
@@ -128,8 +129,16 @@ class PreforkHorseMixin(StarterMixin):
                 self._forker = None
         super().teardown()
 
+    def _idle_watch(self) -> tuple[int, ...]:
+        """The forker's socket: what it says of the spare (forked, or dead), or its own death (EOF), ends
+        an idle wait, and the loop's _heartbeat_if_due reads it (so it is not readable again)."""
+        forker = self._forker
+        if self._spare is None or forker is None or forker.gone:
+            return ()
+        return (forker.sock.fileno(),)
+
     def _heartbeat_if_due(self) -> None:
-        """Polled about every second while idle or paused: also the moment to notice a dead spare."""
+        """Run between idle waits: also the moment to notice a dead spare."""
         super()._heartbeat_if_due()
         self._drop_dead_spare()
 
@@ -151,7 +160,8 @@ class PreforkHorseMixin(StarterMixin):
         self._ensure_spare()
 
     def _start_horse(self, job: Job, queue: Queue) -> None:
-        execution = self.execution  # type: ignore[attr-defined]
+        execution = self.execution
+        assert execution is not None, "prepare_execution ran"
         os.environ["RQ_WORKER_ID"] = self.name
         os.environ["RQ_JOB_ID"] = job.id
         self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
@@ -243,7 +253,7 @@ class PreforkHorseMixin(StarterMixin):
         rq_compat.become_horse(self)
         self._running = None
         self.executions = {}
-        self.setup_work_horse_signals()  # type: ignore[attr-defined]
+        self.setup_work_horse_signals()
         self._set_title("horse pre-forked, waiting for a job")
 
     def _run_handed_job(self, message: bytes, report: prefork.Report) -> None:
@@ -259,7 +269,7 @@ class PreforkHorseMixin(StarterMixin):
         queue = next(q for q in self.queues if q.name == queue_name)
         self._running = Running(job.id, func_name(job), queue.name, time.time(), self._timeout_of(job))
         self._report = report
-        self.main_work_horse(job, queue)  # type: ignore[attr-defined]
+        self.main_work_horse(job, queue)
 
 
 class _BuiltinsOnly(pickle.Unpickler):

@@ -24,7 +24,7 @@ import select
 from collections.abc import Sequence
 
 import redis
-from redis.connection import AbstractConnection
+from redis.connection import AbstractConnection, Connection
 
 from resque_starter import claims
 
@@ -36,6 +36,7 @@ class IdleWait:
         self._client = client
         self._wake_fd = wake_fd
         self._ids: dict[int, int] = {}  # id(connection) -> its Redis client id, for CLIENT UNBLOCK
+        self._spare_made = False
 
     def wait(
         self, queue_keys: Sequence[str], claim_keys: Sequence[str], timeout: float, watch: Sequence[int] = ()
@@ -48,7 +49,7 @@ class IdleWait:
         Redis errors propagate after every connection is given back.
         """
         pool = self._client.connection_pool
-        conns: list[AbstractConnection] = []
+        conns: list[Connection] = []
         seconds = f"{max(0.05, timeout):.3f}"
         try:
             for queue_key, claim_key in zip(queue_keys, claim_keys, strict=True):
@@ -56,18 +57,26 @@ class IdleWait:
                 conns.append(conn)
                 self._client_id(conn)
                 conn.send_command("BLMOVE", queue_key, claim_key, "LEFT", "RIGHT", seconds)
+            self._make_spare(pool)
             won, unread = self._first_answer(conns, timeout + 2.0, watch)
         except BaseException:
-            for conn in conns:  # a half-read reply must not go back to the pool; closing aborts the block
-                conn.disconnect()
-                pool.release(conn)
+            for held in conns:  # a half-read reply must not go back to the pool; closing aborts the block
+                held.disconnect()
+                pool.release(held)
             raise
         raced = self._cancel(conns, unread)
-        for conn in conns:
-            pool.release(conn)
+        for held in conns:
+            pool.release(held)
         # a job moved in the instant before its wait was cancelled goes back to the front of its queue
         claims.release(self._client, [(claim_keys[i], queue_keys[i]) for i, job_id in raced if job_id])
         return won
+
+    def _make_spare(self, pool: redis.ConnectionPool) -> None:
+        """Once: one more connection in the pool than the waits hold, for the cancel (and whatever the
+        worker sends next), so the worker's connections are all made at its first wait, not later."""
+        if not self._spare_made:
+            pool.release(pool.get_connection())
+            self._spare_made = True
 
     def _client_id(self, conn: AbstractConnection) -> int:
         """The connection's Redis client id, asked once per connection (the pool reuses them)."""
@@ -78,7 +87,7 @@ class IdleWait:
         return known
 
     def _first_answer(
-        self, conns: list[AbstractConnection], limit: float, watch: Sequence[int]
+        self, conns: Sequence[AbstractConnection], limit: float, watch: Sequence[int]
     ) -> tuple[tuple[int, str] | None, list[int]]:
         """Wait for the first job moved, a signal, or every wait timing out: (index, job id) or None,
         and the indexes of the waits not answered yet."""
@@ -96,7 +105,7 @@ class IdleWait:
                 return (i, _text(job_id)), list(socks.values())
         return None, list(socks.values())
 
-    def _cancel(self, conns: list[AbstractConnection], unread: list[int]) -> list[tuple[int, str | None]]:
+    def _cancel(self, conns: Sequence[AbstractConnection], unread: list[int]) -> list[tuple[int, str | None]]:
         """Unblock the waits still blocked, in one round trip; each then answers once: nil, or the job
         it moved just before."""
         if not unread:

@@ -7,7 +7,6 @@ and fewer round trips are `ReportingMixin`'s.
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import signal
 import sys
@@ -15,18 +14,15 @@ import threading
 import time
 from typing import Any
 
-import redis
 from rq.command import parse_payload
 from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.worker import Worker as ForkingWorker
-from rq.worker import WorkerStatus
 
-from resque_starter import claims, recovery, stacks
+from resque_starter import claims, recovery, rq_compat, stacks
 from resque_starter import job as job_api
-from resque_starter.worker.bookkeeping import ReportingMixin
 from resque_starter.worker.controls import (
     KILL_JOB,
     KILL_JOB_REASON,
@@ -41,33 +37,22 @@ from resque_starter.worker.stopclock import StopClock
 LEFTOVER_REASON = "resque-starter: the worker stopped with this job unfinished"
 
 
-class StarterMixin(ClaimingMixin, ReportingMixin):
+class StarterMixin(ClaimingMixin):
     """resque-starter's behaviour over any rq worker class (`type('StarterWorker', (StarterMixin, cls), {})`).
 
-    Relies on these rq 3.0 BaseWorker hooks: dequeue_job_and_maintain_ttl, execute_job,
-    prepare_execution, fork_work_horse, kill_horse, prepare_job_execution, handle_execution_ended,
-    handle_job_failure, register_birth, teardown, procline, heartbeat, set_state, check_for_suspension.
+    The rq hooks it (and the mixins under it) override, and what else it relies on in rq, are listed in
+    rq_compat, whose contract tests check them against the installed rq.
     """
 
-    # Attributes of rq's BaseWorker this mixin uses, for type checkers.
-    connection: redis.Redis
-    name: str
-    key: str
-    log: logging.Logger
-    queues: list[Queue]
-    _ordered_queues: list[Queue]
-    executions: dict[str, Execution]
-    job_class: type[Job]
-    queue_class: type[Queue]
-    serializer: Any
-    last_heartbeat: Any
-    horse_pid: int
-    is_horse: bool
-
-    def __init__(self, *args: Any, context: Context, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, context: Context | None = None, **kwargs: Any) -> None:
+        """`context` is run_worker's; rq's own code (Worker.find_by_key, all()) builds the class without
+        one, and so may a script: then it works as a worker with no supervisor (Context.detached)."""
+        if context is None:
+            context = Context.detached()
         self._context = context
         self._controls = context.controls
         self._running: Running | None = None
+        self._horse_ended: tuple[Job, Queue, Execution] | None = None
         self._interrupts: dict[str, int] = {}  # job id -> how it is being stopped (controls.STOPPING...)
         self._clock = StopClock(self._job_pid, self._kill_job_process)
         self._lifetime_timer: threading.Timer | None = None
@@ -80,8 +65,11 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         self._counters: list[bytes | None] | None = None  # read with the end of the last job
         self._heartbeat_sent = False  # with the end of the last job, for rq's loop, which sends one next
         self._suspended: bool | None = None  # read with the end of the last job, for rq's loop's next check
+        self._shutdown_recorded = False
         super().__init__(*args, **kwargs)
         self._claim_first = claims.claim_script(self.connection)
+        if context.status is None:
+            context.queues, context.label = tuple(self.queue_names()), self.name
 
     # rq's work loop reads and writes this flag; ours is the single source of truth, and a stop once
     # requested is never withdrawn (BaseWorker.__init__ assigns False).
@@ -94,7 +82,12 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         self._controls.stop = self._controls.stop or value
 
     def _install_signal_handlers(self) -> None:
-        """run_worker installed our handlers before connecting to Redis; keep them."""
+        """run_worker installed our handlers before connecting to Redis; keep them. A worker with no
+        supervisor installs them here, where rq installs its own."""
+        if not self._controls.installed:
+            self._controls.worker = self
+            job_api.share()
+            self._controls.install()
 
     def handle_payload(self, message: Any) -> None:
         """rq's `shutdown` command sends SIGINT to the worker, which here means a quick stop; make it
@@ -105,6 +98,8 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         if payload.get("command") == "shutdown":
             self.log.info("Worker %s: shutdown command received, stopping after the current job", self.name)
             self._controls.request_stop()
+            if self._running is not None:
+                self._record_shutdown_request()
             return
         super().handle_payload(message)
         if (
@@ -128,6 +123,7 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
             self._watch_lifetime()
             requeued = self._requeued
             super().execute_job(job, queue)
+            self._record_shutdown_request()
             if self._forks and self._clock.kind and self._requeued == requeued:
                 # its horse may have requeued it (Shutdown), in a process of its own
                 self._requeued += job.get_status() == JobStatus.QUEUED
@@ -157,15 +153,9 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         return isinstance(self, ForkingWorker) and not self._in_process
 
     def prepare_execution(self, job: Job) -> Execution:
-        """rq's prepare_execution, plus removing the job from the claim list in the same transaction:
-        from here on the execution (StartedJobRegistry, worker executions) is what names the job."""
-        with self.connection.pipeline() as pipeline:
-            ttl = self.get_heartbeat_ttl(job)
-            execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=self.name)
-            self.executions[execution.id] = execution
-            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
-            pipeline.lrem(claims.claim_key(self.name, job.origin), 1, job.id)
-            pipeline.execute()
+        """rq's, whose transaction also takes the job out of its claim list (see ClaimingMixin.set_state),
+        then the title and, for a job run in this process, the busy event."""
+        execution = super().prepare_execution(job)
         self.procline("busy")
         if not self._forks:
             self._send_busy(horse=None)
@@ -185,13 +175,17 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         """In a fresh work-horse: freeze what it inherited from the worker, so collections in the job
         (the interpreter's, or the gc.collect() many libraries call) examine, and copy, only what the
-        job allocates. The worker itself stays unfrozen: its own garbage is still collected there."""
+        job allocates. The worker itself stays unfrozen: its own garbage is still collected there. A
+        worker with no supervisor has no at-fork hook to give up its signal handlers: done here."""
         gc.freeze()
-        super().main_work_horse(job, queue)  # type: ignore[misc]
+        if self._context.status is None:
+            self._context.release()
+        super().main_work_horse(job, queue)
 
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
         if not self._in_process:  # nothing to monitor when the job ran in fork_work_horse
             super().monitor_work_horse(job, queue, execution)
+            self._horse_ended = (job, queue, execution)  # the job's end checks it was settled
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         super().prepare_job_execution(job, remove_from_intermediate_queue)
@@ -214,6 +208,7 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
 
     def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
         super().maintain_heartbeats(job, execution)
+        self._record_shutdown_request()
         self.procline("busy")  # refresh the elapsed time in the title
         self._recycle_running_job_if_due()
 
@@ -270,6 +265,14 @@ class StarterMixin(ClaimingMixin, ReportingMixin):
         if deadline is not None and time.monotonic() >= deadline and not self._clock.kind:
             self.log.info("Worker %s: lifetime over while a job runs: stopping it to recycle", self.name)
             self.stop_job(STOPPING)
+
+    def _record_shutdown_request(self) -> None:
+        """rq writes, in its signal handler, when a warm shutdown was requested during a job; ours only
+        set flags, so the worker writes it at its next step (its monitor's next turn, or the job's end)."""
+        when = self._controls.stop_requested_at
+        if when is not None and not self._shutdown_recorded:
+            self._shutdown_recorded = True
+            rq_compat.record_shutdown_request(self, when)
 
     def kill_horse(self, sig: signal.Signals = signal.SIGKILL) -> None:
         """rq kills the horse's process group, but a horse that has not yet run its os.setpgrp() is

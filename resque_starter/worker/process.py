@@ -146,15 +146,17 @@ def _become_mold(context: Context, worker: StarterMixin, become_mold: BecomeMold
         names = ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread())
         log.warning("worker[%s]: not promoted to mold: threads still run (%s)", context.label, names)
         return
+    status = context.status
+    assert status is not None, "run_worker's context has the supervisor's socket"
     context.controls.worker = None
     context.release()
-    context.status.settimeout(None)
+    status.settimeout(None)
     for stream in (sys.stdout, sys.stderr):  # a buffer left here would be written again by every fork
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     # a reforked generation does not refork again: its workers run every job the configured way
     settings = dataclasses.replace(context.settings, refork_after=None)
-    become_mold(settings, context.promote_to, context.status)
+    become_mold(settings, context.promote_to, status)
 
 
 def _make_context(settings: Settings, spec: WorkerSpec, status: socket.socket) -> Context:

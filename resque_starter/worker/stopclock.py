@@ -40,17 +40,18 @@ class StopClock:
     def begin(self, kind: int, shutdown_in: float, kill_in: float) -> None:
         """A stop of `kind`: Shutdown due `shutdown_in` seconds from now, SIGKILL `kill_in` seconds from
         now. An earlier deadline, or a harder kind, wins."""
+        if job_api._page is None:  # not shared: no worker of ours runs this job
+            return
         now = time.monotonic()
         kill_at = now + kill_in
         if self._kind and self._kill_at <= kill_at and kind <= self._kind:
             return
         shutdown_at = now + shutdown_in
         if self._kind:
-            old_shutdown_at, _old_kill_at, _kind = job_api._page.read()  # type: ignore[union-attr]
+            old_shutdown_at, _old_kill_at, _kind = job_api._page.read()
             shutdown_at, kill_at = min(shutdown_at, old_shutdown_at), min(kill_at, self._kill_at)
         self._kill_at = kill_at
         self._kind = max(kind, self._kind)
-        assert job_api._page is not None, "the worker shares its page before it runs a job"
         job_api._page.write(shutdown_at, self._kill_at, self._kind)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="resque-starter stop clock", daemon=True)
