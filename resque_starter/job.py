@@ -56,7 +56,7 @@ class _Page:
         self._map = mmap.mmap(-1, mmap.PAGESIZE)
 
     def read(self) -> tuple[float, float, int]:
-        return _LAYOUT.unpack_from(self._map)  # type: ignore[return-value]
+        return _LAYOUT.unpack_from(self._map)
 
     def write(self, shutdown_at: float, kill_at: float, kind: int) -> None:
         _LAYOUT.pack_into(self._map, 0, shutdown_at, kill_at, kind)
