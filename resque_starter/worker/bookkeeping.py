@@ -62,7 +62,7 @@ class ReportingMixin(WorkerBase):
             return
         self._context.send(
             {"event": "busy", "job": running.job_id, "func": running.func, "queue": running.queue,
-             "horse": horse, "started": running.started}
+             "horse": horse, "started": running.started, "timeout": running.timeout}
         )  # fmt: skip
 
     def _send_idle(self) -> None:
