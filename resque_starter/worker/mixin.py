@@ -237,6 +237,7 @@ class StarterMixin(ClaimingMixin):
         if running is None:
             return
         self._interrupts[running.job_id] = max(kind, self._interrupts.get(running.job_id, 0))
+        running.stopped = running.stopped or kind == KILL_JOB  # the job metrics' outcome: stopped
         settings = self._context.settings
         if kind == STOPPING:  # half the drain at least, however short, for the job to finish by itself
             drain = settings.drain_timeout
