@@ -97,6 +97,7 @@ class Settings:
     refork_after: int | None = None
     prefork_horse: bool = False
     metrics_port: int | None = None
+    lease_ttl: float = 15.0
     hooks: Hooks = field(default_factory=Hooks)
 
     def for_group(self, index: int) -> Settings:
@@ -312,6 +313,12 @@ SETTINGS = (
         "drain_timeout",
         kinds.duration(86400, allow_zero=True),
         "how long a graceful stop waits for running jobs before it interrupts them",
+        _STOP,
+    ),
+    Setting(
+        "lease_ttl",
+        kinds.duration(3600, allow_zero=False, minimum=3),  # refreshed every TTL/3: at most once a second
+        "a pod whose lease in Redis is not refreshed for this long is dead: another pod settles its jobs",
         _STOP,
     ),
     Setting("max_jobs", kinds.off(_COUNT), "recycle a worker after this many jobs", _MEM),

@@ -86,13 +86,20 @@ def _shown(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def duration(maximum: float, allow_zero: bool) -> Kind:
+def duration(maximum: float, allow_zero: bool, minimum: float = 0.0) -> Kind:
     bounds = f"from 0 to {_shown(maximum)}" if allow_zero else f"over 0 and at most {_shown(maximum)}"
+    if minimum:
+        bounds = f"from {_shown(minimum)} to {_shown(maximum)}"
     text = f"a duration {bounds}, in seconds or with a unit: 90, 90s, 1.5m, 2h"
 
     def parse(value: object) -> float:
         seconds = _seconds(value)
-        if seconds is None or seconds < 0 or (seconds == 0 and not allow_zero) or seconds > maximum:
+        if (
+            seconds is None
+            or seconds < max(minimum, 0)
+            or (seconds == 0 and not allow_zero)
+            or seconds > maximum
+        ):
             raise Invalid(text)
         return seconds
 

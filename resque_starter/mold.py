@@ -2,9 +2,10 @@
 
 It is forked from the supervisor, imports RESQUE_STARTER_APP, runs the before_fork and warmup hooks,
 then `gc.collect(); gc.freeze()` so the objects it built stay on shared pages in every worker. It then
-serves fork requests from the supervisor. Each fork is a double fork: the intermediate child exits at
-once, so the worker (or recovery child) is adopted by the supervisor, the subreaper or PID 1, which
-reaps it and owns its slot. Pitchfork's monitor/mold split is the model.
+serves fork requests from the supervisor: workers, recoveries, the agent. Each fork is a double fork:
+the intermediate child exits at once, so the worker (or recovery child, or agent) is adopted by the
+supervisor, the subreaper or PID 1, which reaps it and owns its slot. Pitchfork's monitor/mold split
+is the model.
 """
 
 from __future__ import annotations
@@ -191,6 +192,11 @@ def _serve(settings: Settings, sock: socket.socket) -> None:
             worker = partial(_worker_main, settings, spec, status_fd, supervisor)
             pid = _double_fork(sock, worker, close=[status_fd])
             protocol.send(sock, {"op": "forked", "token": spec.name, "pid": pid})
+        elif op == "agent":
+            status_fd = fds.popleft()
+            agent = partial(_agent_main, settings, message, status_fd, supervisor)
+            pid = _double_fork(sock, agent, close=[status_fd])
+            protocol.send(sock, {"op": "forked", "token": message["token"], "pid": pid})
         elif op == "recover":
             pid = _double_fork(sock, partial(_recovery_main, settings, message, os.getppid()))
             protocol.send(sock, {"op": "forked", "token": message["token"], "pid": pid})
@@ -253,6 +259,12 @@ def _worker_main(settings: Settings, spec: WorkerSpec, status_fd: int, superviso
 def _promoted(settings: Settings, generation: int, sock: socket.socket) -> NoReturn:
     """A worker asked to be the mold of `generation` (reforking) becomes it, with what its jobs loaded."""
     run_mold(settings, generation, sock, promoted=True)
+
+
+def _agent_main(settings: Settings, request: dict[str, object], status_fd: int, supervisor: int) -> None:
+    from resque_starter.agent import run_agent
+
+    run_agent(settings, request, status_fd, supervisor)
 
 
 def _recovery_main(settings: Settings, request: dict[str, object], supervisor: int) -> None:

@@ -1,4 +1,4 @@
-"""The supervisor's process table: one row per mold, worker and recovery it started.
+"""The supervisor's process table: one row per mold, worker, recovery and agent it started.
 
 Rows hold the *actual* state, as the processes last reported it; the supervisor's desired state
 (sizes, generation, paused, stopping) lives on the supervisor, and `reconcile()` converges one
@@ -123,6 +123,21 @@ class Recovery:
     after_pid: int | None = None  # an orphaned horse that must be reaped first
     pid: int | None = None
     sent: bool = False
+
+
+@dataclass
+class Agent:
+    """The child doing the supervisor's Redis work (agent.py), and what it last reported."""
+
+    sock: socket.socket
+    pid: int | None = None
+    buffer: LineBuffer = field(default_factory=LineBuffer)
+    seen: float = field(default_factory=time.monotonic)  # its last message: a hung agent is replaced
+    held: dict[str, list[str]] | None = None  # what it was last told the pod holds
+    redis_ok: bool = False
+    redis_at: float = 0.0  # when it last reported on Redis (monotonic)
+    killed: bool = False
+    releasing: float | None = None  # when it was asked to release the lease (monotonic)
 
 
 def describe_status(status: int) -> str:

@@ -143,3 +143,11 @@ def start(
 
 
 os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n N --dist loadgroup`) every container test runs in one worker: they share
+    one Docker engine and the image that worker builds once."""
+    for item in items:
+        if item.get_closest_marker("container"):
+            item.add_marker(pytest.mark.xdist_group("container"))

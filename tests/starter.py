@@ -184,6 +184,13 @@ class Starter:
         self._log.close()
 
 
+def supervised(s: Starter) -> set[int]:
+    """The supervisor's children but its agent (agent.py), which every supervisor runs beside its molds
+    and workers: what tests of molds and workers compare with the status."""
+    status = s.try_status() or {}
+    return set(children(s.pid)) - {status.get("agent", {}).get("pid")}
+
+
 def children(pid: int) -> list[int]:
     return sorted(p for p, ppid in procmem.parents().items() if ppid == pid)
 

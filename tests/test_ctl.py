@@ -27,7 +27,19 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from conftest import RedisServer, free_port, wait_for
-from starter import ROOT, TESTS, Starter, base_env, children, ctl, descendants, ok, process_state, registries
+from starter import (
+    ROOT,
+    TESTS,
+    Starter,
+    base_env,
+    children,
+    ctl,
+    descendants,
+    ok,
+    process_state,
+    registries,
+    supervised,
+)  # fmt: skip
 
 DOC = ROOT / "docs" / "operating.md"
 
@@ -139,9 +151,7 @@ def test_scale_to_n_up_and_down(start, conn) -> None:
     [last] = s.wait_workers(1)
     assert last["slot"] == 0, "scaling down stops the highest slots"
     wait_for(lambda: len(Worker.all(connection=conn)) == 1, what="rq to forget the stopped workers")
-    wait_for(
-        lambda: len([p for p in children(s.pid) if p != s.status()["molds"][0]["pid"]]) == 1, what="exits"
-    )
+    wait_for(lambda: len([p for p in supervised(s) if p != s.status()["molds"][0]["pid"]]) == 1, what="exits")
     for bad, reason in (
         ("-2", "the least is 0"),
         ("many", "scale takes N, +N or -N"),
@@ -347,6 +357,7 @@ def test_health_live_and_ready_are_fast_and_ready_fails_while_stopping(start, co
 def test_ready_fails_without_a_registered_worker(start) -> None:
     s = start(RESQUE_STARTER_CONCURRENCY="0")
     wait_for(lambda: [m for m in (s.try_status() or {"molds": []})["molds"] if m["ready"]], what="the mold")
+    wait_for(lambda: probe(s.run_dir, "ready")[1]["redis"], what="the agent's first word on Redis")
     code, reply = probe(s.run_dir, "ready")
     assert code == 1 and reply == {"live": True, "ready_workers": 0, "redis": True}
     assert probe(s.run_dir, "live")[0] == 0
@@ -362,6 +373,8 @@ def test_ready_fails_fast_when_redis_hangs_or_is_gone(start, tmp_path: Path) -> 
         assert private.proc is not None
         os.kill(private.proc.pid, signal.SIGSTOP)
         try:
+            # the agent's last word on Redis goes stale within seconds; each answer is still immediate
+            wait_for(lambda: probe(s.run_dir, "ready")[0] == 1, 5, what="not ready while Redis hangs")
             code, reply = probe(s.run_dir, "ready")
             assert code == 1 and reply["redis"] is False and reply["ready_workers"] == 1
             assert answer_time(s.run_dir, "ready") < FAST and probe_cost(s.run_dir, "ready") < FAST
@@ -369,6 +382,7 @@ def test_ready_fails_fast_when_redis_hangs_or_is_gone(start, tmp_path: Path) -> 
             os.kill(private.proc.pid, signal.SIGCONT)
         wait_for(lambda: probe(s.run_dir, "ready")[0] == 0, what="ready again once Redis answers")
         private.stop()
+        wait_for(lambda: probe(s.run_dir, "ready")[0] == 1, 5, what="not ready once Redis is gone")
         code, reply = probe(s.run_dir, "ready")
         assert code == 1 and reply["redis"] is False and answer_time(s.run_dir, "ready") < FAST
         assert probe(s.run_dir, "live")[0] == 0

@@ -15,7 +15,7 @@ import pytest
 import redis
 from rq import Queue
 from rq.job import Job, JobStatus
-from test_pid1 import UNSHARE, _host_pid
+from test_pid1 import UNSHARE
 
 from conftest import free_port, wait_for
 from starter import Starter, process_state, registries
@@ -86,8 +86,8 @@ def test_pid1_answers_and_reaps_while_its_mold_is_stopped_under_a_thousand_spawn
 
     s = starters(base_env(redis_url, run_dir, RESQUE_STARTER_CONCURRENCY="1"), prefix=UNSHARE)
     [worker] = s.wait_workers(1)
-    mold = _host_pid(s, mold_pid(s))
-    worker_pid = _host_pid(s, worker["pid"])
+    mold = s.host_pid(mold_pid(s))
+    worker_pid = s.host_pid(worker["pid"])
     os.kill(mold, signal.SIGSTOP)
     try:
         assert s.ctl({"cmd": "scale", "n": "1000"})["ok"]
@@ -148,7 +148,7 @@ def test_pid1_answers_ttin_and_reaps_under_floods_and_a_stopped_mold(
     env = base_env(redis_url, run_dir, RESQUE_STARTER_CONCURRENCY="2", RESQUE_STARTER_METRICS_PORT=str(port))
     s = starters(env, prefix=UNSHARE)
     workers = s.wait_workers(2)
-    mold = _host_pid(s, mold_pid(s))
+    mold = s.host_pid(mold_pid(s))
     flood_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     floods = [
         subprocess.Popen([sys.executable, "-c", FLOOD[kind], arg], env=flood_env)
@@ -163,7 +163,7 @@ def test_pid1_answers_ttin_and_reaps_under_floods_and_a_stopped_mold(
             wait_for(lambda n=expected: s.status()["groups"][0]["size"] == n, 5, 0.001, what="TTIN")  # type: ignore[misc]
             latencies.append(time.monotonic() - began)
         assert min(latencies) < 0.1 and max(latencies) < 0.5, latencies
-        killed = [_host_pid(s, w["pid"]) for w in workers]
+        killed = [s.host_pid(w["pid"]) for w in workers]
         for pid in killed:
             os.kill(pid, signal.SIGKILL)
         wait_for(lambda: all(process_state(p) is None for p in killed), 5, what="every killed worker reaped")

@@ -25,13 +25,13 @@ from starter import (
     TESTS,
     Starter,
     base_env,
-    children,
     cmdline,
     ctl,
     descendants,
     ok,
     process_state,
     registries,
+    supervised,
 )
 
 APP = """\
@@ -171,7 +171,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.halt.wait(0.02):
             self._status()
-            kids = children(self.s.pid)
+            kids = supervised(self.s)
             status = self._status()
             workers = [p for p in kids if p not in self.molds]
             self.process_counts.append(len(workers))
@@ -290,7 +290,7 @@ def test_a_reload_to_broken_code_keeps_the_old_generation_serving(
     assert generations(status) == [1, 1]
     assert {w["pid"] for w in status["workers"]} == {w["pid"] for w in workers}, "old workers untouched"
     wait_for(lambda: [m["generation"] for m in s.status()["molds"]] == [1], what="the failed mold dropped")
-    wait_for(lambda: set(children(s.pid)) == {old_mold["pid"], *(w["pid"] for w in workers)},
+    wait_for(lambda: supervised(s) == {old_mold["pid"], *(w["pid"] for w in workers)},
              what="no process of the failed generation left")  # fmt: skip
     assert s.log().count("Traceback (most recent call last)") == 1, "the failure is logged with its traceback"
     assert reason in s.log()
@@ -330,7 +330,7 @@ def test_new_generation_workers_that_crash_at_start_abandon_the_reload(
     assert "RuntimeError: no workers for gen 2" in s.log(), "the crash is logged with its traceback"
     wait_for(lambda: generations(s.status()) == [1, 1], what="the crashing workers gone")
     wait_for(lambda: [m["pid"] for m in s.status()["molds"]] == [old_mold["pid"]], what="gen-2 mold dropped")
-    wait_for(lambda: set(children(s.pid)) == {old_mold["pid"], *(w["pid"] for w in workers)},
+    wait_for(lambda: supervised(s) == {old_mold["pid"], *(w["pid"] for w in workers)},
              what="nothing of generation 2 left")  # fmt: skip
     assert {w["pid"] for w in s.status()["workers"]} == {w["pid"] for w in workers}, "old workers served on"
     assert [result(conn, enqueue(conn)) for _ in range(3)] == ["v1"] * 3
@@ -414,7 +414,7 @@ def test_a_second_hup_mid_reload_starts_a_third_generation_and_abandons_the_seco
     sampler.stop()
     wait_for(lambda: gone(molds[1]) and gone(molds[2]), what="the molds of generations 1 and 2 to exit")
     expected = {status["molds"][0]["pid"], *(w["pid"] for w in status["workers"])}
-    wait_for(lambda: set(children(s.pid)) == expected, what="no process of generations 1 and 2 left")
+    wait_for(lambda: supervised(s) == expected, what="no process of generations 1 and 2 left")
     assert max(sampler.process_counts) <= n + 1
     assert [result(conn, enqueue(conn)) for _ in range(3)] == ["v3"] * 3
     assert conn.lrange("reloadapp:imports", 0, -1) == [b"v1", b"v2", b"v3"]

@@ -321,3 +321,19 @@ def test_a_worker_that_exits_0_mid_job_has_its_job_recovered(start, conn) -> Non
     s.wait_workers(1)
     s.signal(signal.SIGQUIT)
     assert s.wait_exit(20) == 0
+
+
+@pytest.mark.parametrize("prefork", ["false", "true"])
+def test_a_horse_that_exits_0_mid_job_fails_its_job(start, conn, prefork: str) -> None:  # type: ignore[no-untyped-def]
+    """rq takes a work-horse's exit 0 for a job done: a job calling os._exit(0) left its job STARTED
+    for good. The job's end now reads its status and fails a job nobody settled."""
+    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_PREFORK_HORSE=prefork)
+    s.wait_workers(1)
+    job = Queue("default", connection=conn).enqueue("testjobs.exit_process", 0)
+    wait_for(lambda: job.get_status(refresh=True) == JobStatus.FAILED, 15, what="the job to be failed")
+    assert "exited 0 without finishing the job" in (job.latest_result().exc_string or "")
+    assert registries(conn)["started"] == []
+    after = Queue("default", connection=conn).enqueue("testjobs.noop")
+    wait_for(lambda: after.get_status(refresh=True) == JobStatus.FINISHED, 15, what="the worker to go on")
+    s.signal(signal.SIGQUIT)
+    assert s.wait_exit(20) == 0

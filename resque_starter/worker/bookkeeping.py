@@ -12,6 +12,9 @@ import os
 import time
 
 from redis.client import Pipeline
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.queue import Queue
 from rq.suspension import WORKERS_SUSPENDED
 from rq.worker import WorkerStatus
 from setproctitle import setproctitle
@@ -32,6 +35,7 @@ class ReportingMixin(WorkerBase):
     _heartbeat_sent: bool  # with the end of the last job, for rq's loop, which sends one next
     _suspended: bool | None  # read with the end of the last job, for rq's loop's next check
     _requeued: int  # jobs this worker put back in their queue (quick stop)
+    _horse_ended: tuple[Job, Queue, Execution] | None  # the job whose horse just exited, if it forked
 
     def procline(self, message: str) -> None:
         """rq calls this at every step; show resque-starter's title instead of rq's message."""
@@ -95,14 +99,29 @@ class ReportingMixin(WorkerBase):
         if state != WorkerStatus.IDLE or self._running is None:
             super().set_state(state)
             return
+        ended, self._horse_ended = self._horse_ended, None
         with self.connection.pipeline(transaction=False) as own:
             super().set_state(state, own)
             super().heartbeat(pipeline=own)
             own.hmget(self.key, COUNTERS)
             own.exists(WORKERS_SUSPENDED)
-            *_, self._counters, suspended = own.execute()
+            if ended is not None:
+                own.hget(ended[0].key, "status")
+            results = own.execute()
+        status = results.pop() if ended is not None else None
+        *_, self._counters, suspended = results
         self._heartbeat_sent = True
         self._suspended = bool(suspended)
+        if ended is not None and status == JobStatus.STARTED.value.encode():
+            self._fail_unsettled(*ended)
+
+    def _fail_unsettled(self, job: Job, queue: Queue, execution: Execution) -> None:
+        """rq takes a horse's exit 0 for a job done; a job that called os._exit(0) never settled its job,
+        which would stay STARTED. The job's status came with the job's end, so the check costs nothing."""
+        reason = "resque-starter: the work-horse exited 0 without finishing the job (os._exit in the job?)"
+        self.log.warning("Worker %s: job %s failed (%s)", self.name, job.id, reason)
+        self.handle_job_failure(job, queue=queue, exc_string=reason, execution=execution)
+        self._counters = None  # the failure changed them: the idle event reads them afresh
 
     def check_for_suspension(self, burst: bool) -> None:
         """rq's loop checks for `rq suspend` before each job; after a job, the job's end read it (see

@@ -175,9 +175,13 @@ class ClaimingMixin(ReportingMixin):
             [queue.key for queue in ordered],
             [claims.claim_key(self.name, name) for name in names],
             min(CLAIM_POLL_SECONDS, self.dequeue_timeout, self._until_recycle()),
-            self._context.watched(),
+            (*self._context.watched(), *self._idle_watch()),
         )
         return (names[won[0]], won[1], None) if won is not None else None
+
+    def _idle_watch(self) -> tuple[int, ...]:
+        """More descriptors whose news ends an idle wait (the pre-forked horse's forker)."""
+        return ()
 
     def _until_recycle(self) -> float:
         deadline = self._context.deadline

@@ -125,8 +125,16 @@ class PreforkHorseMixin(StarterMixin):
                 self._forker = None
         super().teardown()
 
+    def _idle_watch(self) -> tuple[int, ...]:
+        """The forker's socket: what it says of the spare (forked, or dead), or its own death (EOF), ends
+        an idle wait, and the loop's _heartbeat_if_due reads it (so it is not readable again)."""
+        forker = self._forker
+        if self._spare is None or forker is None or forker.gone:
+            return ()
+        return (forker.sock.fileno(),)
+
     def _heartbeat_if_due(self) -> None:
-        """Polled about every second while idle or paused: also the moment to notice a dead spare."""
+        """Run between idle waits: also the moment to notice a dead spare."""
         super()._heartbeat_if_due()
         self._drop_dead_spare()
 

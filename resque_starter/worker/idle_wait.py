@@ -36,6 +36,7 @@ class IdleWait:
         self._client = client
         self._wake_fd = wake_fd
         self._ids: dict[int, int] = {}  # id(connection) -> its Redis client id, for CLIENT UNBLOCK
+        self._spare_made = False
 
     def wait(
         self, queue_keys: Sequence[str], claim_keys: Sequence[str], timeout: float, watch: Sequence[int] = ()
@@ -56,6 +57,7 @@ class IdleWait:
                 conns.append(conn)
                 self._client_id(conn)
                 conn.send_command("BLMOVE", queue_key, claim_key, "LEFT", "RIGHT", seconds)
+            self._make_spare(pool)
             won, unread = self._first_answer(conns, timeout + 2.0, watch)
         except BaseException:
             for held in conns:  # a half-read reply must not go back to the pool; closing aborts the block
@@ -68,6 +70,13 @@ class IdleWait:
         # a job moved in the instant before its wait was cancelled goes back to the front of its queue
         claims.release(self._client, [(claim_keys[i], queue_keys[i]) for i, job_id in raced if job_id])
         return won
+
+    def _make_spare(self, pool: redis.ConnectionPool) -> None:
+        """Once: one more connection in the pool than the waits hold, for the cancel (and whatever the
+        worker sends next), so the worker's connections are all made at its first wait, not later."""
+        if not self._spare_made:
+            pool.release(pool.get_connection())
+            self._spare_made = True
 
     def _client_id(self, conn: AbstractConnection) -> int:
         """The connection's Redis client id, asked once per connection (the pool reuses them)."""

@@ -50,6 +50,7 @@ class StarterMixin(ClaimingMixin):
         self._context = context
         self._controls = context.controls
         self._running: Running | None = None
+        self._horse_ended: tuple[Job, Queue, Execution] | None = None
         self._interrupts: dict[str, str] = {}
         self._performing = False
         self._jobs_done = 0
@@ -167,6 +168,7 @@ class StarterMixin(ClaimingMixin):
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
         if not self._in_process:  # nothing to monitor when the job ran in fork_work_horse
             super().monitor_work_horse(job, queue, execution)
+            self._horse_ended = (job, queue, execution)  # the job's end checks it was settled
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         super().prepare_job_execution(job, remove_from_intermediate_queue)

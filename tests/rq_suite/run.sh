@@ -13,6 +13,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
+python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"  # absolute: the suite runs from its own directory
 
 files=(tests)
 limit=1200  # seconds a class may take; a test that leaves a process behind can hang pytest's exit
