@@ -63,6 +63,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "kill_horse": ("sig",),
     "handle_job_failure": ("job", "queue", "started_job_registry", "exc_string", "execution"),
     "teardown": (),
+    "subscribe": (),
     "unsubscribe": (),
 }  # fmt: skip
 
