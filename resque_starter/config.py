@@ -84,6 +84,8 @@ class Settings:
     log_config: str | None = None
     term: str = "graceful"
     drain_timeout: float = 25.0
+    shutdown_grace: float = 5.0
+    stuck_grace: float | None = 30.0
     requeue_interrupted: bool = True
     max_requeues: int = 3
     max_jobs: int | None = None
@@ -337,6 +339,20 @@ SETTINGS = (
         "drain_timeout",
         kinds.duration(86400, allow_zero=True),
         "how long a graceful stop waits for running jobs before it interrupts them",
+        _STOP,
+    ),
+    Setting(
+        "shutdown_grace",
+        kinds.duration(300, allow_zero=True),
+        "how long a job interrupted by a stop (resque_starter.job.Shutdown) may take to end before SIGKILL; "
+        "counted within DRAIN_TIMEOUT",
+        _STOP,
+    ),
+    Setting(
+        "stuck_grace",
+        kinds.off(kinds.duration(86400, allow_zero=True)),
+        "how long past its rq timeout a job running in the worker (SimpleWorker) may run before the "
+        "supervisor dumps its stack and kills it",
         _STOP,
     ),
     Setting(

@@ -62,6 +62,10 @@ class Worker:
     listening: bool = True
     promotable: bool = False  # it ran REFORK_AFTER jobs
     promoting: int | None = None  # asked to become the mold of this generation
+    kill_at: float | None = None  # time.monotonic() when a graceful stop of this worker is over (SIGKILL)
+    deadline_kind: int = 0  # it killed itself at its job's stop deadline (resque_starter.job.STOP...)
+    dump_asked: float | None = None  # the watchdog asked it for its stack (time.monotonic())
+    stuck: str | None = None  # the watchdog killed it: where its job was stuck
 
     @property
     def group(self) -> str:

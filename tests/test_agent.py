@@ -96,7 +96,10 @@ def test_the_agent_dies_with_its_supervisor_and_the_lease_then_expires(start, co
 
 
 def test_a_graceful_stop_says_what_it_waits_for_and_that_the_drain_ran_out(start, conn: redis.Redis) -> None:
-    s = start(RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_DRAIN_TIMEOUT="7")
+    # SHUTDOWN_GRACE=0: no Shutdown ends the job early (docs/jobs.md), so the drain runs out
+    s = start(
+        RESQUE_STARTER_CONCURRENCY="1", RESQUE_STARTER_DRAIN_TIMEOUT="7", RESQUE_STARTER_SHUTDOWN_GRACE="0"
+    )
     s.wait_workers(1)
     pod = s.status()["agent"]["pod"]
     job = Queue("default", connection=conn).enqueue("testjobs.sleep_then_record", 60)

@@ -57,8 +57,9 @@ def test_orphans_from_jobs_are_reaped(start, conn, prefix: tuple[str, ...]) -> N
     def settled() -> bool:
         return not zombies(s) and not any("import os,time" in _cmd(p) for p in descendants(s.proc.pid))
 
+    # settled() saw no zombie: a second look could catch one that exists legitimately for an instant
+    # (a horse between its exit and its worker's wait), so none is taken
     wait_for(settled, 10, what="every orphan to exit and be reaped")
-    assert not zombies(s)
     assert conn.llen("testjobs:orphans") == 6
 
 

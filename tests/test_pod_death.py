@@ -166,7 +166,8 @@ def test_a_pod_restarted_in_place_settles_its_predecessor_at_once(
     wait_settled(conn, dead, killed, bound=10)  # well before the old lease's 30 s expire
     assert "ran in this run dir before: settling its lease at once" in b.log()
     wait_for(lambda: conn.llen("testjobs:done") == 1, 40, what="the requeued job to run again")
-    assert job.get_status(refresh=True) == JobStatus.FINISHED
+    # the job records itself before rq marks it finished: wait for rq's word rather than read it once
+    wait_for(lambda: job.get_status(refresh=True) == JobStatus.FINISHED, 10, what="the job finished")
     assert conn.lrange("testjobs:done:started", 0, -1) == [job.id.encode()] * 2, "interrupted once, run twice"
 
 

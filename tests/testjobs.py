@@ -234,3 +234,52 @@ class PrefixedQueue(Queue):
     """An app's own queue class, whose queues live under keys of its own."""
 
     redis_queue_namespace_prefix = "testjobs:queue:"
+
+
+def checkpoint(tag: str = "done") -> str:
+    """A long job that stops well: it notes when it hears of the stop, and when Shutdown comes it saves
+    its progress in job.meta and raises it again (so it is requeued with that progress)."""
+    from resque_starter.job import Shutdown, seconds_left, stopping
+
+    job = get_current_job()
+    assert job is not None
+    _record(f"{tag}:started")
+    step = int(job.meta.get("step", 0))
+    warned = False
+    try:
+        while True:
+            if stopping() and not warned:
+                warned = True
+                job.connection.rpush(f"testjobs:{tag}:warned", json.dumps([job.id, seconds_left()]))
+            step += 1
+            time.sleep(0.02)
+    except Shutdown:
+        job.meta["step"] = step
+        job.save_meta()
+        raise
+
+
+def ignore_shutdown(tag: str = "done") -> None:
+    """A job that swallows every exception, Shutdown included: only SIGKILL ends it."""
+    _record(f"{tag}:started")
+    while True:
+        try:
+            time.sleep(0.05)
+        except BaseException:  # what a badly written job does
+            _record(f"{tag}:swallowed")
+
+
+def c_sleep(seconds: int, tag: str = "done") -> None:
+    """Sleep in one C call with every signal blocked: nothing but SIGKILL ends it early."""
+    import ctypes
+    import signal
+
+    _record(f"{tag}:started")
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    ctypes.CDLL(None).sleep(seconds)
+
+
+def spin(seconds: int, tag: str = "done") -> int:
+    """Run `seconds`-ish inside one C call that holds the GIL (rq's SIGALRM timeout never gets a turn)."""
+    _record(f"{tag}:started")
+    return sum(range(seconds * 30_000_000))

@@ -9,11 +9,17 @@ import os
 import signal
 import time
 
-from resque_starter import cgroups, procmem
+from resque_starter import cgroups, procmem, watchdog
 from resque_starter.config import EXIT_INTERRUPTED, EXIT_OK
 from resque_starter.process_table import Worker
 from resque_starter.states import Intake, StopLevel, WorkerState
-from resque_starter.supervisor.state import MAX_SPAWNS_IN_FLIGHT, STOP_REPORT_EVERY, SupervisorState, log
+from resque_starter.supervisor.state import (
+    DEADLINE_MARGIN,
+    MAX_SPAWNS_IN_FLIGHT,
+    STOP_REPORT_EVERY,
+    SupervisorState,
+    log,
+)
 
 
 class Converge(SupervisorState):
@@ -139,6 +145,18 @@ class Converge(SupervisorState):
         are settled (so a dead pod's jobs, requeued at the front, run first)."""
         return not self.swept or self._intake_of(group) is not Intake.OPEN
 
+    def _converge_deadlines(self) -> None:
+        """A worker stopped gracefully is killed once DRAIN_TIMEOUT is over (its own deadline for its job
+        came first); the watchdog kills one whose job runs in it past its timeout (see `watchdog`)."""
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.kill_at is not None and now >= w.kill_at and w.stop_level == StopLevel.GRACEFUL:
+                log.warning(
+                    "worker[%s] pid %s outlived its stop's deadline; killing it", self._slot_label(w), w.pid
+                )
+                self._stop_worker(w, StopLevel.KILL, w.stop_reason)
+            watchdog.tend(w, self.settings.stuck_grace, self.settings.run_dir, self._slot_label(w))
+
     def _converge_pause(self) -> None:
         for w in self.workers.values():
             paused = self._holds_intake(w.group)
@@ -171,6 +189,8 @@ class Converge(SupervisorState):
         if w.pid is None:
             return  # the mold has not told us its pid yet; the next reconcile (on "forked") stops it
         w.stop_level, w.stop_reason = level, reason
+        if level == StopLevel.GRACEFUL and w.kill_at is None:
+            w.kill_at = time.monotonic() + self.settings.drain_timeout + DEADLINE_MARGIN
         if level == StopLevel.KILL:
             horse = (w.job or {}).get("horse")
             if isinstance(horse, int):

@@ -11,6 +11,8 @@ import selectors
 import signal
 import time
 
+from resque_starter import job as job_api
+from resque_starter import stacks
 from resque_starter.config import EXIT_CRASH_LOOP
 from resque_starter.process_table import Recovery, Worker, describe_status
 from resque_starter.states import StopLevel, WorkerState
@@ -77,6 +79,8 @@ class Exits(SupervisorState):
         log.debug("reaped pid %d (%s)", pid, describe_status(status))
 
     def _on_worker_exit(self, w: Worker, status: int) -> None:
+        if w.pid is not None:
+            stacks.remove(self.settings.run_dir, w.pid)
         if w.listening:
             self._on_worker_message(w)  # what it said last (a "busy") may still be unread
         self._forget(w)
@@ -140,7 +144,9 @@ class Exits(SupervisorState):
     def _recover(self, w: Worker, status: int) -> None:
         """A worker died without cleaning up: kill its orphaned horse, then fix its jobs in Redis."""
         stopping = self.stop_level is not None and self.stop_level >= StopLevel.QUICK
-        shutdown = w.stop_level == StopLevel.KILL or stopping
+        # a worker that killed itself at its job's stop deadline was stopping, unless it killed a job (USR1)
+        deadline = w.deadline_kind in (job_api.STOP, job_api.QUICK)
+        shutdown = w.stop_level == StopLevel.KILL or stopping or deadline
         if w.state == WorkerState.BUSY:  # a stop that costs a job its normal end (killed, failed) exits 1
             self.interrupted = self.interrupted or self.stop_level is not None
         horse = (w.job or {}).get("horse")
@@ -153,7 +159,8 @@ class Exits(SupervisorState):
         reason = (
             f"interrupted by shutdown: worker pid {w.pid} ({w.spec.name}) was killed"
             if shutdown
-            else f"worker pid {w.pid} ({w.spec.name}) died ({describe_status(status)}) while running this job"
+            else w.stuck
+            or f"worker pid {w.pid} ({w.spec.name}) died ({describe_status(status)}) while running this job"
         )
         self.recoveries[w.spec.name] = Recovery(w.spec.name, w.queues, shutdown, reason, after_pid)
         if after_pid is not None:

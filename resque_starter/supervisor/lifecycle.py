@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
-from resque_starter import commands, config, config_file, rundir
+from resque_starter import commands, config, config_file, rundir, watchdog
 from resque_starter.config import EXIT_CONFIG, EXIT_INTERRUPTED, ConfigError
 from resque_starter.control_server import ControlServer
 from resque_starter.listener import Listener
@@ -214,6 +214,10 @@ class Lifecycle(SupervisorState):
         ]
         if self.stop_deadline is not None:
             deadlines += [self.stop_deadline, self._stop_report_at]
+        for w in self.workers.values():
+            deadlines += [
+                t for t in (w.kill_at, watchdog.next_due(w, self.settings.stuck_grace)) if t is not None
+            ]
         deadlines = [until for until in deadlines + self._agent_deadlines() if until > now]
         if self._evaluation is not None:
             deadlines.append(self._evaluation.deadline)
@@ -251,6 +255,7 @@ class Lifecycle(SupervisorState):
             self._converge_refork()
         else:
             self._converge_stop()
+        self._converge_deadlines()
         self._converge_pause()
         self._converge_recoveries()
         if self._annotator is not None:  # idle pods first: the cost is the busy workers

@@ -13,7 +13,7 @@ import socket
 import time
 from typing import Any
 
-from resque_starter import cgroups, procmem, protocol
+from resque_starter import cgroups, procmem, protocol, stacks
 from resque_starter.config import EXIT_APP_IMPORT, EXIT_CONFIG
 from resque_starter.process_table import Mold, Worker, describe_status
 from resque_starter.protocol import WorkerSpec
@@ -201,6 +201,7 @@ class MoldLink(SupervisorState):
         self._revert_generation()
 
     def _on_mold_exit(self, mold: Mold, status: int) -> None:
+        stacks.remove(self.settings.run_dir, mold.pid)  # a mold promoted from a worker registered one
         if self.molds.get(mold.generation) is mold:
             self._on_mold_message(mold)  # an error or "forked" it sent just before exiting may be unread
             del self.molds[mold.generation]

@@ -36,10 +36,14 @@ class Reports(SupervisorState):
                     if w.stop_level is not None:  # forked by a mold that died before it told us
                         self._signal(w, w.stop_level.signal)
             elif event == "busy":
-                w.state, w.job = WorkerState.BUSY, message
+                w.state, w.job, w.dump_asked = WorkerState.BUSY, message, None
                 self.job_metrics.started(message)
             elif event == "idle":
-                w.state, w.job = (WorkerState.PAUSED if w.paused else WorkerState.IDLE), None
+                w.state, w.job, w.dump_asked = (
+                    (WorkerState.PAUSED if w.paused else WorkerState.IDLE),
+                    None,
+                    None,
+                )
                 self._count_jobs(w, message)
                 self.job_metrics.ended(message.get("ended"))
             elif event == "paused" and w.state != WorkerState.BUSY:
@@ -50,12 +54,16 @@ class Reports(SupervisorState):
                 w.stop_reason = f"recycle: {message.get('reason')}"
             elif event == "promote-ready":
                 w.promotable = True
+            elif event == "deadline":
+                w.deadline_kind = int(message.get("kind", 0))
             elif message.get("op") == "ready" and w.promoting is not None:
                 self._adopt_mold(w)
                 return
 
     def _count_jobs(self, w: Worker, message: dict[str, Any]) -> None:
         """Take a worker's own counters, and add what they grew by to totals that outlive the worker."""
+        if self.stop_level is not None and int(message.get("requeued", w.requeued)) > w.requeued:
+            self.interrupted = True  # a job that heard the stop was requeued: the stop interrupted it
         for name in JOB_COUNTERS:
             value = int(message.get(name, getattr(w, name)))
             self.jobs[name] += value - getattr(w, name)

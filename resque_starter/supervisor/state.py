@@ -34,6 +34,9 @@ MIN_UPTIME = 5.0  # a worker that dies sooner than this, uncommanded, counts as 
 CRASH_LIMIT = 5  # consecutive crashes of one slot before giving up (exit 4)
 BACKOFF_BASE, BACKOFF_MAX = 0.5, 10.0
 QUICK_GRACE = 10.0  # seconds a quick stop waits for workers before SIGKILL
+# A worker stopped on its own (scale-down, reload) is SIGKILLed this long after DRAIN_TIMEOUT, when its
+# own deadline (which kills its job's process at DRAIN_TIMEOUT) did not end it: a SimpleWorker in C code.
+DEADLINE_MARGIN = 1.0
 BEFORE_EXIT_TIMEOUT = 10.0  # seconds the before_exit hook may take
 MOLD_STALL = 5.0  # seconds a mold may leave a request unanswered before it counts as hung
 REDIS_POLL = 0.05  # seconds between looks at a restarting embedded redis-server
@@ -176,6 +179,8 @@ class SupervisorState(ABC):
     def _holds_intake(self, group: str) -> bool: ...
     @abstractmethod
     def _converge_pause(self) -> None: ...
+    @abstractmethod
+    def _converge_deadlines(self) -> None: ...
     @abstractmethod
     def _ready_mold(self) -> Mold | None: ...
     @abstractmethod

@@ -5,9 +5,10 @@ Redis connection (waiting for Redis with backoff), runs the after_fork hook and 
 `StarterMixin` (mixin.py) layered over the configured worker class (`rq.Worker`, `rq.SimpleWorker`, or
 the user's), which changes four things:
 
-- Signals (handlers only set flags or kill the horse, controls.py): TERM/QUIT finish the current job and
-  exit; INT interrupts it and requeues it at the front of its queue (or fails it, see
-  `recovery.requeue_or_fail`); USR1 kills the current job only; USR2 pauses, CONT resumes.
+- Signals (handlers only set flags or start the job's stop, controls.py): TERM/QUIT finish the current
+  job and exit; INT interrupts it and requeues it at the front of its queue (or fails it, see
+  `recovery.requeue_or_fail`); USR1 kills the current job only; USR2 pauses, CONT resumes. The running
+  job hears each of them at once and gets `resque_starter.job.Shutdown` at its deadline (stopclock.py).
 - Dequeue (dequeue.py): instead of rq's BLPOP (a worker killed after the pop loses the job) or BLMOVE
   into a shared intermediate list (recovered after a minute or more), job ids move atomically into a
   claim list of this worker (`claims`) and leave it in the same transaction that records the
@@ -24,7 +25,7 @@ bookkeeping out of the horse where it can (the process side is `prefork`). What 
 in rq beyond its public API is in `rq_compat`.
 """
 
-from resque_starter.worker.controls import Context, Controls, JobInterrupted
+from resque_starter.worker.controls import Context, Controls
 from resque_starter.worker.dequeue import CLAIM_POLL_SECONDS, private_memory
 from resque_starter.worker.horse import PreforkHorseMixin
 from resque_starter.worker.mixin import StarterMixin
@@ -40,6 +41,6 @@ from resque_starter.worker.process import (
 
 __all__ = [
     "CLAIM_POLL_SECONDS", "DRIVER_INFO", "REDIS_BACKOFF_FIRST", "REDIS_BACKOFF_MAX", "Context", "Controls",
-    "JobInterrupted", "PreforkHorseMixin", "StarterMixin", "build_worker", "forks_horses", "private_memory",
+    "PreforkHorseMixin", "StarterMixin", "build_worker", "forks_horses", "private_memory",
     "run_worker", "warm_client",
 ]  # fmt: skip

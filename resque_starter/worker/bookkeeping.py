@@ -65,7 +65,8 @@ class ReportingMixin(WorkerBase):
             return
         self._context.send(
             {"event": "busy", "job": running.job_id, "func": running.func, "queue": running.queue,
-             "horse": horse, "started": running.started, "enqueued": running.enqueued}
+             "horse": horse, "started": running.started, "enqueued": running.enqueued,
+             "timeout": running.timeout}
         )  # fmt: skip
 
     def _send_idle(self, ended: Running | None = None) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from rq.job import Job
 from rq.utils import now
 
+from resque_starter import job as job_api
 from resque_starter import orphans, protocol
 from resque_starter.config import Settings
 from resque_starter.protocol import WorkerSpec
@@ -25,31 +26,27 @@ from resque_starter.protocol import WorkerSpec
 REDIS_BACKOFF_FIRST = 0.5  # waiting for Redis: the first wait, doubled up to the last
 REDIS_BACKOFF_MAX = 30.0
 
-QUICK_STOP = "quick"
-KILL_JOB = "kill"
-QUICK_STOP_REASON = "resque-starter: interrupted by shutdown (quick stop, SIGINT)"
-KILL_JOB_REASON = "resque-starter: job killed by SIGUSR1"
+# Why the running job is being stopped, as the page of resque_starter.job says (harder is larger).
+STOPPING, QUICK_STOP, KILL_JOB = job_api.STOP, job_api.QUICK, job_api.KILL
+QUICK_STOP_REASON = job_api.reason(QUICK_STOP)
+KILL_JOB_REASON = job_api.reason(KILL_JOB)
 
 _OUR_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT)
-
-
-class JobInterrupted(BaseException):
-    """Raised inside a SimpleWorker's running job by SIGINT or SIGUSR1 (a forking worker kills its
-    horse instead). A BaseException, like rq's ShutDownImminentException, so `except Exception` in
-    job code does not swallow it."""
 
 
 class Interruptible(Protocol):
     """The worker, as the signal handlers see it (StarterMixin)."""
 
-    def interrupt_job(self, kind: str) -> None: ...
+    def stop_job(self, kind: int) -> None: ...
 
 
 class Controls:
     """The state signal handlers may touch: flags, plus the worker once it exists.
 
-    Every handler only sets flags or interrupts the running job. A wakeup pipe (signal.set_wakeup_fd)
-    lets the worker sleep while paused or backing off and still react to a signal at once.
+    Every handler only sets flags or starts the running job's stop (worker.stop_job: the job is
+    warned at once, Shutdown is raised in it at the deadline, SIGKILL follows). A wakeup pipe
+    (signal.set_wakeup_fd) lets the worker sleep while paused or backing off and still react to a
+    signal at once.
     """
 
     def __init__(self, paused: bool) -> None:
@@ -100,6 +97,8 @@ class Controls:
         was asked (rq records that), and a byte in the wakeup pipe, which ends an idle wait at once."""
         self.stop = True
         self.stop_requested_at = self.stop_requested_at or now()
+        if self.worker is not None:
+            self.worker.stop_job(STOPPING)
         with contextlib.suppress(BlockingIOError):
             os.write(self._pipe()[1], b"\0")
 
@@ -117,11 +116,11 @@ class Controls:
     def _on_quick_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop = self.quick = True
         if self.worker is not None:
-            self.worker.interrupt_job(QUICK_STOP)
+            self.worker.stop_job(QUICK_STOP)
 
     def _on_kill_job(self, signum: int, frame: FrameType | None) -> None:
         if self.worker is not None:
-            self.worker.interrupt_job(KILL_JOB)
+            self.worker.stop_job(KILL_JOB)
 
     def _on_pause(self, signum: int, frame: FrameType | None) -> None:
         self.paused = True
@@ -218,14 +217,19 @@ class Running:
     job_id: str
     func: str
     queue: str
-    started: float
+    started: float  # time.time()
+    timeout: float | None = None  # rq's, in seconds; None for none
     enqueued: float | None = None  # the job's enqueued_at, as a timestamp
     stopped: bool = False  # killed on request (SIGUSR1, ctl kill-job, rq's stop-job)
 
     @classmethod
-    def of(cls, job: Job, queue: str) -> Running:
+    def of(cls, job: Job, queue: str, timeout: float | None) -> Running:
         enqueued = job.enqueued_at.replace(tzinfo=UTC).timestamp() if job.enqueued_at else None
-        return cls(job.id, func_name(job), queue, time.time(), enqueued)
+        return cls(job.id, func_name(job), queue, time.time(), timeout, enqueued)
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started
 
     def outcome(self, before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
         """How the job ended, from the worker's counters (done, failed, requeued) around it: a horse's

@@ -14,6 +14,7 @@ from rq.job import Job, Retry
 from rq.queue import Queue
 from rq.serializers import DefaultSerializer, JSONSerializer
 
+from resque_starter import job as job_api
 from resque_starter import logs, prefork, rq_compat
 from resque_starter.worker.controls import Running
 from resque_starter.worker.mixin import StarterMixin
@@ -85,10 +86,13 @@ class PreforkHorseMixin(StarterMixin):
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
         if not self.is_horse:  # a horse's job was prepared by the worker before it was handed over
             super().prepare_job_execution(job, remove_from_intermediate_queue)
+        else:
+            self._begin_performing()
 
     def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
         """In a horse: hand the return value back to the worker, which saves it and does the rest of rq's
         bookkeeping, when nothing of that runs user code; otherwise (and in the worker) rq's own."""
+        job_api.set_performing(False)
         payload = self._hand_back(job, return_value) if self._report is not None else None
         if payload is None:
             super()._finalize_success(job, queue, execution, return_value)
@@ -263,7 +267,7 @@ class PreforkHorseMixin(StarterMixin):
         execution = rq_compat.restore_execution(execution_id, job, self.connection, self.name, times)
         self.executions = {execution.id: execution}
         queue = next(q for q in self.queues if q.name == queue_name)
-        self._running = Running.of(job, queue.name)
+        self._running = Running.of(job, queue.name, self._timeout_of(job))
         logs.set_job(job.id, self._running.func, queue.name)
         self._report = report
         self.main_work_horse(job, queue)

@@ -29,6 +29,8 @@ from rq.worker import BaseWorker, DequeueStrategy
 from rq.worker import Worker as ForkingWorker
 from setproctitle import setproctitle
 
+from resque_starter import job as job_api
+from resque_starter import stacks
 from resque_starter.config import Settings, mask_url
 from resque_starter.connection import connect
 from resque_starter.protocol import EXIT_REDIS_UNREACHABLE, WorkerSpec
@@ -105,6 +107,8 @@ def _serve(
     status.settimeout(STATUS_SEND_TIMEOUT)
     os.set_inheritable(status.fileno(), False)
     os.register_at_fork(after_in_child=context.close_in_child)
+    job_api.share()  # before any fork: the stop page of this worker and its horses
+    stacks.register(settings.run_dir)
     context.controls.install()
 
     worker = _connect(context)
