@@ -9,12 +9,12 @@ from typing import Any
 
 import redis
 from rq import Queue
+from test_ctl import http_get
 
 from resque_starter import progress
 
 from conftest import free_port, wait_for
 from starter import ctl
-from test_ctl import http_get
 
 TIMEOUT = "2"  # RESQUE_STARTER_PROGRESS_TIMEOUT in these tests
 
@@ -138,4 +138,5 @@ def test_idle_workers_that_take_no_waiting_job_fail_and_stale_gauges_pass() -> N
     )
     ok, reason = progress.check(5.0, [group(workers=0)], None)
     assert ok and reason == "group default: queue gauges are stale (is Redis reachable?): unknown, healthy"
-    assert progress.check(5.0, [group(workers=0, idle_for=4.0)], gauges)[0], "it took one within the threshold"
+    took_one = progress.check(5.0, [group(workers=0, idle_for=4.0)], gauges)
+    assert took_one == (True, "group default took a job 4s ago")
