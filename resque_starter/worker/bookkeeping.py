@@ -21,7 +21,7 @@ from setproctitle import setproctitle
 
 from resque_starter.protocol import JOB_COUNTERS
 from resque_starter.rq_compat import WorkerBase
-from resque_starter.worker.controls import Context, Running
+from resque_starter.worker.controls import FINISHED, Context, Running
 
 COUNTERS = ("successful_job_count", "failed_job_count")  # rq's, in the worker's hash: the idle event's
 
@@ -65,8 +65,8 @@ class ReportingMixin(WorkerBase):
             return
         self._context.send(
             {"event": "busy", "job": running.job_id, "func": running.func, "queue": running.queue,
-             "horse": horse, "started": running.started, "enqueued": running.enqueued,
-             "timeout": running.timeout}
+             "horse": horse, "started": running.started, "timeout": running.timeout,
+             "enqueued": running.enqueued}
         )  # fmt: skip
 
     def _send_idle(self, ended: Running | None = None) -> None:
@@ -83,6 +83,7 @@ class ReportingMixin(WorkerBase):
             message["ended"] = {"queue": ended.queue, "func": ended.func, "outcome": outcome,
                                 "duration": round(duration, 6)}  # fmt: skip
             note, self._end_note = self._end_note, ""
+            note = "" if outcome == FINISHED else note  # a stop that came too late to interrupt it
             self.log.info("job %s %s in %.3fs%s", ended.job_id, outcome, duration, note and f": {note}",
                           extra={"job_duration": round(duration, 6), "job_outcome": outcome})  # fmt: skip
         self._totals = totals

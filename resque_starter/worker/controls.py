@@ -223,7 +223,7 @@ class Running:
     stopped: bool = False  # killed on request (SIGUSR1, ctl kill-job, rq's stop-job)
 
     @classmethod
-    def of(cls, job: Job, queue: str, timeout: float | None) -> Running:
+    def of(cls, job: Job, queue: str, timeout: float | None = None) -> Running:
         enqueued = job.enqueued_at.replace(tzinfo=UTC).timestamp() if job.enqueued_at else None
         return cls(job.id, func_name(job), queue, time.time(), timeout, enqueued)
 

@@ -143,6 +143,9 @@ class StarterMixin(ClaimingMixin):
             self._clock.end()
             self._in_process = False
             self._running = None
+            kind = self._interrupts.get(job.id)
+            if kind is not None and kind != KILL_JOB and not self._end_note:  # its horse settled it
+                self._end_note = job_api.reason(kind)
             self._interrupts.clear()
         self._jobs_done += 1
         running.stopped = running.stopped or self._stopped_job_id == job.id
@@ -234,7 +237,7 @@ class StarterMixin(ClaimingMixin):
         if running is None:
             return
         self._interrupts[running.job_id] = max(kind, self._interrupts.get(running.job_id, 0))
-        running.stopped = running.stopped or kind == KILL_JOB
+        running.stopped = running.stopped or kind == KILL_JOB  # the job metrics' outcome: stopped
         settings = self._context.settings
         if kind == STOPPING:  # half the drain at least, however short, for the job to finish by itself
             drain = settings.drain_timeout
@@ -351,7 +354,7 @@ class StarterMixin(ClaimingMixin):
                 requeue=self._context.settings.requeue_interrupted,
                 connection=self.connection,
                 worker_name=self.name,
-                log_outcome=False,  # the job's last line (_send_idle) says it, with the reason
+                log_outcome=False,  # the worker's last line of the job (_send_idle) says it, with why
             )
             self._end_note = job_api.reason(kind)
             self.executions.pop(execution.id, None)
@@ -367,20 +370,28 @@ class StarterMixin(ClaimingMixin):
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
     def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
-        """rq warns of every horse that died; one the worker killed for a stop is requeued, which
-        requeue_or_fail logs (rq's handler, if any, still runs)."""
-        if self._interrupts.get(job.id) in (None, KILL_JOB):
+        """rq warns of every horse that died; one the worker killed for a stop is requeued (or failed by
+        the shared rule), which the job's last line says (rq's handler, if any, still runs)."""
+        if not self._stopping(job.id):
             super().handle_work_horse_killed(job, retpid, ret_val, rusage)
         elif self._work_horse_killed_handler is not None:
             self._work_horse_killed_handler(job, retpid, ret_val, rusage)
 
     def _quiet_quick_stop(self, record: logging.LogRecord) -> bool:
         """A filter on rq's worker logger: drop rq's "job failed (Work-horse terminated unexpectedly)"
-        and "exception raised while executing" for a job this worker's stop interrupted: it is
-        requeued, not failed."""
+        and "exception raised while executing" for a job a stop interrupted: it is requeued (or failed
+        by the shared rule, which says so), not failed by its own code."""
         if record.msg not in rq_compat.JOB_FAILED_MESSAGES or not isinstance(record.args, tuple):
             return True
-        return self._interrupts.get(str(record.args[1])) in (None, KILL_JOB)
+        return not self._stopping(str(record.args[1]))
+
+    def _stopping(self, job_id: str) -> bool:
+        """Whether a stop (not USR1's kill) interrupted this job: in the worker its signal said so; where
+        the job runs (horse, SimpleWorker) the page does (resque_starter.job)."""
+        kind = self._interrupts.get(job_id)
+        if kind is None and (self.is_horse or not self._forks):
+            kind = job_api.pending_kind() or None
+        return kind is not None and kind != KILL_JOB
 
     def teardown(self) -> None:
         """Give back what this worker still holds before rq unregisters it: claims to the front of
