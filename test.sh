@@ -29,7 +29,9 @@ fi
 
 .venv/bin/ruff check .
 .venv/bin/python -m mypy
-.venv/bin/python -m pytest -q "$@"
+# the tests mostly wait on real processes, so three at a time fit 2 cores (pytest-xdist; the container
+# tests run in one worker, see tests/conftest.py); PYTEST_WORKERS=0 runs them one by one
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-3}" --dist loadgroup "$@"
 # rq's own tests against our three worker classes, in parallel (tests/rq_suite/run.sh): here its worker,
 # job, registry and command tests (1 to 1.5 minutes on 2 cores), unless pytest was given arguments;
 # RESQUE_STARTER_RQ_SUITE=full runs all of them (the GitHub workflow does), =skip none.

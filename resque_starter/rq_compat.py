@@ -64,6 +64,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "handle_job_failure": ("job", "queue", "started_job_registry", "exc_string", "execution"),
     "handle_work_horse_killed": ("job", "retpid", "ret_val", "rusage"),
     "teardown": (),
+    "subscribe": (),
     "unsubscribe": (),
 }  # fmt: skip
 

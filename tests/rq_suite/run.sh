@@ -22,6 +22,9 @@ if [ "${1:-}" = "--quick" ]; then
   limit=600
   shift
 fi
+# RQ_SUITE_TESTS: rq's test files or ids to run instead (e.g. tests/test_worker_pool.py), to look at one
+# shellcheck disable=SC2206 # split on purpose
+[ -z "${RQ_SUITE_TESTS:-}" ] || files=(${RQ_SUITE_TESTS})
 classes=("$@")
 [ ${#classes[@]} -gt 0 ] || classes=(worker prefork simple)
 
