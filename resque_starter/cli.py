@@ -67,13 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("job", metavar="JOB_ID")
     s = ctl_sub.add_parser("stop", help="graceful stop (QUIT), or --quick (INT)")
     s.add_argument("--quick", action="store_true")
-    text = "exit status for exec probes: --live (the default) or --ready"
+    text = "exit status for exec probes: --live (the default), --ready or --progress"
     s = ctl_sub.add_parser("health", help=text, description=text)
     check = s.add_mutually_exclusive_group()
     live = "the loop answers and a mold serves (the default)"
     check.add_argument("--live", action="store_const", const="live", dest="check", help=live)
     ready = "also not stopping, a worker registered, Redis answering"
     check.add_argument("--ready", action="store_const", const="ready", dest="check", help=ready)
+    progress = "also jobs are taken: none waits past RESQUE_STARTER_PROGRESS_TIMEOUT untaken (liveness)"
+    check.add_argument("--progress", action="store_const", const="progress", dest="check", help=progress)
     s.set_defaults(check="live")
     return parser
 

@@ -20,7 +20,7 @@ from resque_starter.states import Intake, StopLevel
 Request = dict[str, Any]
 Reply = dict[str, Any]
 Dispatch = Callable[[Request], Reply]
-HEALTH_CHECKS = ("live", "ready")
+HEALTH_CHECKS = ("live", "ready", "progress")
 
 
 class Supervised(Protocol):
@@ -141,7 +141,7 @@ def _mem(sup: Supervised, request: Request) -> Reply:
 def _health(sup: Supervised, request: Request) -> Reply:
     check = request.get("check", "live")
     if check not in HEALTH_CHECKS:
-        raise Refused(f"health checks are 'live' and 'ready', not {check!r}")
+        raise Refused(f"health checks are 'live', 'ready' and 'progress', not {check!r}")
     return sup.health(check)
 
 

@@ -86,6 +86,7 @@ class Settings:
     drain_timeout: float = 25.0
     shutdown_grace: float = 5.0
     stuck_grace: float | None = 30.0
+    progress_timeout: float | None = None
     requeue_interrupted: bool = True
     max_requeues: int = 3
     max_jobs: int | None = None
@@ -353,6 +354,13 @@ SETTINGS = (
         kinds.off(kinds.duration(86400, allow_zero=True)),
         "how long past its rq timeout a job running in the worker (SimpleWorker) may run before the "
         "supervisor dumps its stack and kills it",
+        _STOP,
+    ),
+    Setting(
+        "progress_timeout",
+        kinds.off(kinds.duration(86400, allow_zero=False)),
+        "`ctl health --progress` fails when a job waited this long on a queue the pod serves while no "
+        "worker took one, or every worker is stuck past its job's timeout + STUCK_GRACE",
         _STOP,
     ),
     Setting(

@@ -5,8 +5,8 @@ thread holding a lock at fork time can deadlock the child. Every socket is non-b
 is bounded, and few connections are held (listener.Listener), so no client can stall the loop
 or use up its file descriptors. prometheus-client is the optional extra `metrics`.
 
-It knows the supervisor only through the command dispatcher: /healthz and /readyz are the `health`
-command, a scrape reads the `status` document, exactly as `ctl` does.
+It knows the supervisor only through the command dispatcher: /healthz (?check=progress) and /readyz
+are the `health` command, a scrape reads the `status` document, exactly as `ctl` does.
 """
 
 from __future__ import annotations
@@ -88,14 +88,15 @@ class MetricsServer(Listener[_Client]):
         parts = request.split(b"\n", 1)[0].split()
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
             return _reply(400, _error("not an HTTP request"))
-        method, path = parts[0], parts[1].split(b"?", 1)[0]
+        method, (path, _, query) = parts[0], parts[1].partition(b"?")
         if method not in (b"GET", b"HEAD"):
             return _reply(405, _error("only GET and HEAD"))
-        return _reply(*self._route(path), head=method == b"HEAD")
+        return _reply(*self._route(path, query), head=method == b"HEAD")
 
-    def _route(self, path: bytes) -> tuple[int, tuple[str, bytes]]:
+    def _route(self, path: bytes, query: bytes) -> tuple[int, tuple[str, bytes]]:
         if path in (b"/healthz", b"/readyz"):
-            result = self._dispatch({"cmd": "health", "check": "live" if path == b"/healthz" else "ready"})
+            check = "ready" if path == b"/readyz" else "progress" if query == b"check=progress" else "live"
+            result = self._dispatch({"cmd": "health", "check": check})
             return (200 if result["ok"] else 503), _json(result)
         if path == b"/metrics":
             from prometheus_client import generate_latest

@@ -435,7 +435,10 @@ MALFORMED = [
     (b'{"cmd": "scale", "n": [1]}\n', "scale takes N, +N or -N, not [1]"),
     (b'{"cmd": "scale", "n": null}\n', "scale takes N, +N or -N, not None"),
     (b'{"cmd": "scale", "n": "1", "group": {"a": 1}}\n', "unknown group {'a': 1}; groups: default"),
-    (b'{"cmd": "health", "check": ["ready"]}\n', "health checks are 'live' and 'ready', not ['ready']"),
+    (
+        b'{"cmd": "health", "check": ["ready"]}\n',
+        "health checks are 'live', 'ready' and 'progress', not ['ready']",
+    ),
 ]
 
 

@@ -333,10 +333,19 @@ def test_container_runs_the_supervisor_with_exec_probes() -> None:
     spec = container()
     assert spec["args"] == ["run"]
     assert "command" not in spec, "the image's ENTRYPOINT (resque-starter) must stay PID 1"
-    assert spec["livenessProbe"]["exec"]["command"] == ["resque-starter", "ctl", "health", "--live"]
+    assert spec["livenessProbe"]["exec"]["command"] == ["resque-starter", "ctl", "health", "--progress"]
     assert spec["readinessProbe"]["exec"]["command"] == ["resque-starter", "ctl", "health", "--ready"]
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(spec["resources"][kind]), f"resources.{kind} needs cpu and memory"
+
+
+def test_liveness_means_progress_and_restarts_only_after_minutes() -> None:
+    """The liveness probe is the progress check, switched on in the ConfigMap, and it restarts a pod only
+    after the threshold plus a minute of consecutive failures: a slow pod is not killed on a hiccup."""
+    probe = container()["livenessProbe"]
+    timeout = float(env()["RESQUE_STARTER_PROGRESS_TIMEOUT"])
+    assert timeout >= 60, f"RESQUE_STARTER_PROGRESS_TIMEOUT {timeout}s would restart pods with short stalls"
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 60, probe
 
 
 def test_pod_is_non_root_with_a_writable_run_dir_only() -> None:

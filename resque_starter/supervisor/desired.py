@@ -49,6 +49,8 @@ class DesiredState(SupervisorState):
         """USR2/CONT, `ctl pause|resume|drain [GROUP]`: whether a group's (or every group's) workers take
         new jobs; a drain is a pause that `status` and the metrics report as draining."""
         for name in self.intake if group is None else [group]:
+            if intake is Intake.OPEN and self.intake[name] is not Intake.OPEN:
+                self.took_at[name] = time.monotonic()  # the progress check counts from the resume
             self.intake[name] = intake
         log.info("%s: %s", f"group {group}" if group else "every group", intake.value)
 
@@ -75,6 +77,8 @@ class DesiredState(SupervisorState):
         if index == 0 and self.autoscaler is not None:
             self.autoscaler = None
             log.info("autoscale off: group %s has a fixed size now", group)
+        if size and not self.sizes[index]:
+            self.took_at[group] = time.monotonic()  # the progress check counts from the scale-up
         self.sizes[index] = size
         log.info("group %s: %d worker(s)", group, size)
 
@@ -152,6 +156,8 @@ class DesiredState(SupervisorState):
             new = dataclasses.replace(new, redis_url=self.settings.redis_url)
         self.sizes = self._sizes_after_reload(new)
         self.intake = {g.name: self._intake_of(g.name) for g in new.groups}
+        for g in new.groups:
+            self.took_at.setdefault(g.name, time.monotonic())
         self.settings = new
         self._generations += 1
         self.generation = self._generations

@@ -8,10 +8,10 @@ import os
 import time
 from typing import Any
 
-from resque_starter import config, queue_gauges
+from resque_starter import config, progress, queue_gauges
 from resque_starter.process_table import Worker
 from resque_starter.protocol import JOB_COUNTERS
-from resque_starter.states import WorkerState
+from resque_starter.states import Intake, WorkerState
 from resque_starter.supervisor.state import AGENT_REPORT_STALE, SupervisorState, _receive
 
 
@@ -38,6 +38,7 @@ class Reports(SupervisorState):
             elif event == "busy":
                 w.state, w.job, w.dump_asked = WorkerState.BUSY, message, None
                 self.job_metrics.started(message)
+                self.took_at[w.group] = time.monotonic()
             elif event == "idle":
                 w.state, w.job, w.dump_asked = (
                     (WorkerState.PAUSED if w.paused else WorkerState.IDLE),
@@ -132,14 +133,44 @@ class Reports(SupervisorState):
 
     def health(self, check: str) -> dict[str, Any]:
         """live: the loop answers and a mold serves; ready: also not stopping, a worker registered with rq
-        and Redis answering. A paused (or draining) supervisor stays ready: it is healthy, just idle."""
+        and Redis answering. A paused (or draining) supervisor stays ready: it is healthy, just idle.
+        progress: live, and the pod takes the jobs its queues hold (progress.py)."""
         live = any(m.ready for m in self.molds.values()) or self.serving_generation > 0
         if check == "live":
             return {"ok": live, "live": live}
+        if check == "progress":
+            ok, reason = self._progress()
+            return {"ok": live and ok, "live": live, "progress": ok, "reason": reason}
         ready_workers = sum(1 for w in self.workers.values() if w.ready and w.stop_level is None)
         redis_ok = self.redis_answers()
         ok = live and ready_workers > 0 and redis_ok and self.stop_level is None
         return {"ok": ok, "live": live, "ready_workers": ready_workers, "redis": redis_ok}
+
+    def _progress(self) -> tuple[bool, str]:
+        timeout = self.settings.progress_timeout
+        if timeout is None:
+            return True, "the progress check is off (RESQUE_STARTER_PROGRESS_TIMEOUT)"
+        if self.stop_level is not None:
+            return True, "the pod is stopping"
+        groups = []
+        now = time.monotonic()
+        for i, g in enumerate(self.settings.groups):
+            if not self.sizes[i] or self._intake_of(g.name) is not Intake.OPEN:
+                continue
+            workers = [w for w in self.workers.values() if w.group == g.name and w.stop_level is None]
+            jobs = tuple(
+                progress.Job(
+                    self._slot_label(w), str(j.get("job")), float(j["started"]), _seconds(j.get("timeout"))
+                )
+                for w in workers
+                if w.state == WorkerState.BUSY
+                and (j := w.job) is not None
+                and _seconds(j.get("started")) is not None
+            )
+            grace = self.settings.for_group(i).stuck_grace or 0.0
+            idle_for = now - self.took_at.get(g.name, now)
+            groups.append(progress.Group(g.name, g.queues, len(workers), jobs, grace, idle_for))
+        return progress.check(timeout, groups, self.queues())
 
     def redis_answers(self) -> bool:
         """Whether Redis answered the agent lately: PID 1 itself never waits on the network."""
@@ -160,3 +191,8 @@ class Reports(SupervisorState):
             f"resque-starter: supervisor gen={self.generation} workers={live}/{sum(self.sizes)}{state} "
             f"app={','.join(self.settings.app) or '-'}"
         )
+
+
+def _seconds(value: Any) -> float | None:
+    """A number from a worker's event, or None (a job without a timeout, a malformed event)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -114,6 +114,8 @@ class SupervisorState(ABC):
         self.jobs = dict.fromkeys(JOB_COUNTERS, 0)
         self.job_metrics = JobStats()  # from the workers' busy and idle events
         self.queue_report: tuple[dict[str, dict[str, Any]], float] | None = None  # the agent's, and when
+        # per group: when (time.monotonic()) one of its workers last took a job, or it began to take them
+        self.took_at = {g.name: time.monotonic() for g in settings.groups}
         self.autoscaler = (
             Autoscaler(*settings.autoscale, settings.autoscale_wait, settings.autoscale_cooldown)
             if settings.autoscale is not None
