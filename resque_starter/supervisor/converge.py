@@ -75,7 +75,7 @@ class Converge(SupervisorState):
             for slot in range(size):
                 occupants = [w for w in self.workers.values() if w.key == (group, slot) and not w.stopping]
                 current = [w for w in occupants if w.spec.generation == self.generation]
-                old = [w for w in occupants if w.spec.generation != self.generation]
+                old = self._newest_old([w for w in occupants if w.spec.generation != self.generation])
                 if current:
                     if current[0].ready:
                         for w in old:
@@ -89,6 +89,19 @@ class Converge(SupervisorState):
                 if mold.hung or len(mold.pending) >= MAX_SPAWNS_IN_FLIGHT:
                     return  # the rest when it has answered
                 self._spawn(mold, group, slot)
+
+    def _newest_old(self, old: list[Worker]) -> list[Worker]:
+        """A reload during a reload can leave a slot with workers of two old generations: the newest ready
+        one keeps serving it, the others are stopped. Otherwise both would count against the surge limit
+        and no worker of the current generation could start (seen with two quick HUPs)."""
+        ready = [w for w in old if w.ready and w.pid is not None]
+        if len(old) < 2 or not ready:
+            return old
+        keep = max(ready, key=lambda w: w.spec.generation)
+        for w in old:
+            if w is not keep:
+                self._stop_worker(w, StopLevel.GRACEFUL, f"replaced by generation {keep.spec.generation}")
+        return [keep]
 
     def _converge_stop(self) -> None:
         assert self.stop_level is not None and self.stop_deadline is not None
