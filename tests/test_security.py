@@ -135,7 +135,7 @@ SPAWNING |= {f"exec{suffix}" for suffix in ("l", "le", "lp", "lpe", "v", "ve", "
 
 
 def test_nothing_in_the_package_runs_a_shell_or_evaluates_text() -> None:
-    """An audit that stays true: job arguments reach no shell because nothing here starts one. The one
+    """An audit that stays true: job arguments reach no shell because nothing here starts one. The
     processes the package starts are the embedded redis-server and the pod-deletion-cost child (this
     package's own module under sys.executable), each with a fixed argv and no shell; the one text it
     evaluates is the operator's own config file (RESQUE_STARTER_CONFIG, Python by design), run in a
