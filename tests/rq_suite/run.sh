@@ -46,10 +46,16 @@ isolate=(timeout -s KILL "$limit" "${isolate[@]}")  # unshare killed takes its n
 run_class() {
   local class=$1
   # shellcheck disable=SC2016 # expanded by the inner shell
-  "${isolate[@]}" env RQ_SUITE_CLASS="$class" PYTHONPATH="$here:$root" PATH="$(dirname "$python"):$PATH" bash -c '
+  mkdir -p "$work/outer-tmp"
+  "${isolate[@]}" env RQ_SUITE_CLASS="$class" PYTHONPATH="$here:$root" PATH="$(dirname "$python"):$PATH" \
+    ROOT="$root" OUTER_TMP="$work/outer-tmp" bash -c '
     set -eu
     ip link set lo up
+    mount --bind /tmp "$OUTER_TMP"
     mount -t tmpfs tmpfs /tmp
+    case "$ROOT" in  # a checkout under /tmp (a CI clone) stays where its venv expects it
+      /tmp/*) mkdir -p "$ROOT" && mount --bind "$OUTER_TMP/${ROOT#/tmp/}" "$ROOT" ;;
+    esac
     redis-server --port 6379 --bind 127.0.0.1 --save "" --appendonly no --logfile /tmp/redis.log &
     until redis-cli -p 6379 ping >/dev/null 2>&1; do sleep 0.05; done
     cd "$0"
