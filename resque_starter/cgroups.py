@@ -125,3 +125,41 @@ def memory_limit(root: str = ROOT, proc: str = PROC) -> int | None:
     else:
         limit = _limit_along(_chain(base / "memory", own.get("memory", "/")), "memory.limit_in_bytes", _bytes)
     return None if limit is None else int(limit)
+
+
+def _own_dir(base: Path, path: str) -> Path:
+    """Our cgroup's own directory (the first of its chain), where its usage is counted."""
+    return _chain(base, path)[0]
+
+
+def cpu_usage(root: str = ROOT, proc: str = PROC) -> float | None:
+    """CPU seconds our cgroup has used (v2 cpu.stat usage_usec, v1 cpuacct.usage); None if unreadable."""
+    base, own = Path(root), _own(proc)
+    v2 = _read(_own_dir(base, own.get("", "/")) / "cpu.stat")
+    for line in (v2 or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "usage_usec" and value.isdigit():
+            return int(value) / 1e6
+    for name in ("cpuacct", "cpu,cpuacct", "cpuacct,cpu"):
+        v1 = _read(_own_dir(base / name, own.get("cpuacct", "/")) / "cpuacct.usage")
+        if v1 is not None and v1.isdigit():
+            return int(v1) / 1e9
+    return None
+
+
+def memory_used(root: str = ROOT, proc: str = PROC) -> int | None:
+    """Our cgroup's working set in bytes, as the kubelet counts it: memory in use less the inactive
+    file cache the kernel reclaims before it kills anything (v2 memory.current, v1 usage_in_bytes)."""
+    base, own = Path(root), _own(proc)
+    for directory, usage, inactive in (
+        (_own_dir(base, own.get("", "/")), "memory.current", "inactive_file"),
+        (_own_dir(base / "memory", own.get("memory", "/")), "memory.usage_in_bytes", "total_inactive_file"),
+    ):
+        text = _read(directory / usage)
+        if text is None or not text.isdigit():
+            continue
+        lines = (_read(directory / "memory.stat") or "").splitlines()
+        stat = dict(line.partition(" ")[::2] for line in lines)
+        cache = stat.get(inactive, "0")
+        return max(0, int(text) - (int(cache) if cache.isdigit() else 0))
+    return None

@@ -42,6 +42,7 @@ class Group:
     queues: tuple[str, ...]
     size: int
     overrides: tuple[tuple[str, Any], ...] = ()
+    window: tuple[int, int] | None = None  # MIN:MAX when the group autoscales (autoscale.py)
 
     @property
     def name(self) -> str:
@@ -146,6 +147,8 @@ def run_dir_candidates() -> list[str]:
 
 def _describe_group(group: Group) -> dict[str, Any]:
     shown: dict[str, Any] = {"queues": list(group.queues), "size": group.size}
+    if group.window is not None:
+        shown["autoscale"] = list(group.window)
     if group.overrides:
         shown["overrides"] = dict(group.overrides)
     return shown
@@ -162,7 +165,9 @@ def _redis_url(value: object) -> str:
 
 
 def _groups(value: object) -> tuple[Group, ...]:
-    return tuple(Group(queues, size) for queues, size in kinds.group_pairs(value, MAX_GROUP_SIZE))
+    return tuple(
+        Group(queues, size, window=span) for queues, size, span in kinds.group_pairs(value, MAX_GROUP_SIZE)
+    )
 
 
 # ---- the declarations
@@ -259,8 +264,8 @@ SETTINGS = (
     Setting(
         "groups",
         Kind(
-            "groups of QUEUES=SIZE separated by semicolons, such as high,default=3; low=1, "
-            f"each size from 0 to {MAX_GROUP_SIZE}",
+            "groups of QUEUES=SIZE separated by semicolons, such as high,default=3; low=1:8, "
+            f"each size from 0 to {MAX_GROUP_SIZE} or MIN:MAX to autoscale the group",
             _groups,
         ),
         "several worker groups, each with its queues and size (replaces QUEUES and CONCURRENCY)",
@@ -288,7 +293,8 @@ SETTINGS = (
     Setting(
         "autoscale",
         kinds.off(kinds.window(MAX_GROUP_SIZE)),
-        "MIN:MAX: the first group's workers grow while its jobs wait and shrink when idle",
+        "MIN:MAX: the first group's workers grow while its jobs wait and shrink when idle "
+        "(other groups: a MIN:MAX size in GROUPS)",
         _WORK,
     ),
     Setting(

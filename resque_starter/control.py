@@ -97,6 +97,15 @@ def _owner(path: str) -> str:
     return f"{'it' if current == path else current} belongs to {name}"
 
 
+def _window(group: dict[str, Any]) -> str:
+    """` (autoscale 1:8)` after an autoscaling group's size, with what holds its growth back."""
+    scale = group.get("autoscale")
+    if scale is None:
+        return ""
+    held = f", held by {scale['held']}" if scale["held"] else ""
+    return f" (autoscale {scale['min']}:{scale['max']}{held})"
+
+
 def format_status(status: dict[str, Any]) -> str:
     """The readable table of `ctl status`."""
     if status["stopping"]:
@@ -107,7 +116,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"supervisor pid {status['pid']}  up {_age(status['uptime'])}  generation {status['generation']}  "
         f"{flags}redis {status['redis_url']}  app {','.join(status['app']) or '-'}",
-        "groups: " + "; ".join(f"{g['name']}={g['size']}" for g in status["groups"]),
+        "groups: " + "; ".join(f"{g['name']}={g['size']}{_window(g)}" for g in status["groups"]),
         f"jobs: {jobs['done']} done, {jobs['failed']} failed, {jobs['requeued']} requeued; "
         f"{status['restarts']} worker restart(s), {status['reloads']} reload(s)",
     ]
@@ -221,4 +230,7 @@ DONE = {
 def describe(message: dict[str, Any], reply: dict[str, Any]) -> str:
     """What the supervisor did, in the words of DONE; `which` names the group a request gave, if any."""
     group = message.get("group")
+    if "autoscale" in reply:  # scale +N/-N moved an autoscaling group's window
+        low, high = reply["autoscale"]
+        return f"group {reply['group']}: autoscale {low}:{high} worker(s)"
     return DONE[message["cmd"]].format(which=f"group {group}" if group else "every group", **reply)

@@ -279,9 +279,10 @@ def _directories(value: object) -> tuple[str, ...]:
 DIRECTORIES = Kind(f"directories separated by ':', at most {MAX_ITEMS}", _directories)
 
 
-def group_pairs(value: object, max_size: int) -> list[tuple[tuple[str, ...], int]]:
-    """`high,default=3; low=1` (or in the config file a dict {queues: size} or a list of pairs), as
-    (queues, size) pairs; no two with the same queues."""
+def group_pairs(value: object, max_size: int) -> list[tuple[tuple[str, ...], int, tuple[int, int] | None]]:
+    """`high,default=3; low=1:8` (or in the config file a dict {queues: size} or a list of pairs), as
+    (queues, size, autoscale window) triples; a MIN:MAX size autoscales the group and starts it at MIN.
+    No two groups with the same queues."""
     pairs: list[tuple[str, object, object]] = []
     if isinstance(value, str):
         for segment in filter(None, (s.strip() for s in value.split(";"))):
@@ -295,7 +296,7 @@ def group_pairs(value: object, max_size: int) -> list[tuple[tuple[str, ...], int
         raise Invalid("groups of QUEUES=SIZE separated by semicolons, such as high,default=3; low=1")
     if len(pairs) > MAX_ITEMS:
         raise Invalid(f"at most {MAX_ITEMS} groups of QUEUES=SIZE ({len(pairs)} are given)")
-    groups: list[tuple[tuple[str, ...], int]] = []
+    groups: list[tuple[tuple[str, ...], int, tuple[int, int] | None]] = []
     for number, (shown, queues, count) in enumerate(pairs, 1):
         where = f"group {number} {shown!r}"
         if queues is None:
@@ -304,14 +305,21 @@ def group_pairs(value: object, max_size: int) -> list[tuple[tuple[str, ...], int
             names = _queues(queues)
         except Invalid as e:
             raise Invalid(f"{where}: {e}") from None
+        span: tuple[int, int] | None = None
         try:
-            group_size = whole(0, max_size)(count)
+            if isinstance(count, str) and ":" in count:
+                span = window(max_size)(count)
+                group_size = span[0]
+            else:
+                group_size = whole(0, max_size)(count)
         except Invalid:
-            raise Invalid(f"{where}: size must be a whole number from 0 to {max_size}") from None
-        for earlier, (other, _) in enumerate(groups, 1):
+            raise Invalid(
+                f"{where}: size must be a whole number from 0 to {max_size}, or MIN:MAX to autoscale"
+            ) from None
+        for earlier, (other, _, _) in enumerate(groups, 1):
             if other == names:
                 raise Invalid(f"{where}: the same queues as group {earlier}; merge their sizes")
-        groups.append((names, group_size))
+        groups.append((names, group_size, span))
     return groups
 
 

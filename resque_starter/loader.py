@@ -91,7 +91,7 @@ def _assemble(
     raws = {s.name: _pick(s, flags, environ, file_values, path) for s in SETTINGS if s.name != "config"}
     parsed = {name: _parse(SETTING[name], raw) for name, raw in raws.items() if raw is not None}
     parsed["config"] = path
-    parsed["groups"] = _groups_of(parsed, raws)
+    parsed["groups"] = _autoscale_first(_groups_of(parsed, raws), parsed.get("autoscale"), raws)
     if "group_overrides" in file_values:
         assert path is not None
         parsed["groups"] = _override_groups(parsed["groups"], file_values["group_overrides"], path)
@@ -142,6 +142,21 @@ def _groups_of(parsed: dict[str, Any], raws: Mapping[str, _Raw | None]) -> tuple
         allowed = f"GROUPS replaces QUEUES and CONCURRENCY, but {' and '.join(clash)} is set too"
         raise ConfigError(groups.label, groups.value, allowed)
     return parsed["groups"]
+
+
+def _autoscale_first(
+    groups: tuple[Group, ...], window: tuple[int, int] | None, raws: Mapping[str, _Raw | None]
+) -> tuple[Group, ...]:
+    """AUTOSCALE is the first group's window; a MIN:MAX size for it in GROUPS too is ambiguous."""
+    if window is None:
+        return groups
+    first = groups[0]
+    if first.window is not None:
+        raw = raws["autoscale"]
+        assert raw is not None
+        allowed = f"AUTOSCALE is the first group's window, but GROUPS gives it one too ({first.name})"
+        raise ConfigError(raw.label, raw.value, allowed)
+    return (dataclasses.replace(first, window=window), *groups[1:])
 
 
 # Settings a group may set for its own workers (`group_overrides` in the config file).

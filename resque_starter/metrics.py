@@ -191,16 +191,34 @@ class _Collector:
         yield uss
         yield pss
         yield from _queue_metrics(status["queues"] or {})
-        window = GaugeMetricFamily(
-            "resque_starter_autoscale_workers",
-            "RESQUE_STARTER_AUTOSCALE's window (bound: min, max) for the first group; absent when off.",
-            labels=["bound"],
-        )
-        if status["autoscale"] is not None:
-            for bound in ("min", "max"):
-                window.add_metric([bound], status["autoscale"][bound])
-        yield window
+        yield from _autoscale_metrics(status["groups"])
         yield from _job_metrics(self._dispatch({"cmd": "job-stats"})["job_stats"])
+
+
+def _autoscale_metrics(groups: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Each autoscaling group's window, and what holds its growth back (absent for the other groups)."""
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
+    window = GaugeMetricFamily(
+        "resque_starter_autoscale_workers",
+        "An autoscaling group's window of workers (bound: min, max); absent for groups of fixed size.",
+        labels=["group", "bound"],
+    )
+    held = GaugeMetricFamily(
+        "resque_starter_autoscale_held",
+        "1 while an autoscaling group's jobs wait but it does not grow, by reason: max, memory or cpu.",
+        labels=["group", "reason"],
+    )
+    for g in groups:
+        scale = g["autoscale"]
+        if scale is None:
+            continue
+        for bound in ("min", "max"):
+            window.add_metric([g["name"], bound], scale[bound])
+        for reason in ("max", "memory", "cpu"):
+            held.add_metric([g["name"], reason], float(scale["held"] == reason))
+    yield window
+    yield held
 
 
 def _queue_metrics(rows: dict[str, dict[str, Any]]) -> Iterator[Metric]:

@@ -217,6 +217,8 @@ BAD = [
     ("GROUPS", "a,a=1", "group 1 'a,a=1': queue names"),
     ("GROUPS", "=3", "group 1 '=3': queue names"),
     ("GROUPS", " ; ", "groups of QUEUES=SIZE separated by semicolons"),
+    ("GROUPS", "high=1; low=3:1", "group 2 'low=3:1': size must be a whole number from 0 to 1024, or MIN:"),
+    ("GROUPS", "low=0:0", "group 1 'low=0:0': size must be"),
 ]
 
 
@@ -343,6 +345,20 @@ def test_groups_replace_queues_and_concurrency() -> None:
     assert settings.groups == (Group(("high", "default"), 3), Group(("low",), 1), Group(("reports",), 0))
     assert settings.concurrency == 4
     assert settings.queues == ("high", "default")
+
+
+def test_a_min_max_size_autoscales_a_group_from_min() -> None:
+    settings = env_load(GROUPS="high=2; low=1:8")
+    assert settings.groups == (Group(("high",), 2), Group(("low",), 1, window=(1, 8)))
+    one = Group(("a",), cgroups.cpu_count(), window=(2, 4))
+    assert env_load(AUTOSCALE="2:4", QUEUES="a").groups == (one,)
+    assert env_load(AUTOSCALE="2:4", GROUPS="a=1; b=0:3").groups[0].window == (2, 4)
+
+
+def test_autoscale_and_a_window_for_the_first_group_in_groups_is_an_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        env_load(AUTOSCALE="1:4", GROUPS="a=1:2; b=1")
+    assert_one_line(caught.value, f"{P}AUTOSCALE='1:4'", "GROUPS gives it one too (a)")
 
 
 def test_a_queue_may_serve_two_groups() -> None:
@@ -778,6 +794,43 @@ def test_cpu_quota_is_read_from_our_own_cgroup(
     tmp_path: Path, own: str, files: dict[str, str], cpus: float
 ) -> None:
     assert cgroups.cpu_quota(*cgroup(tmp_path, files, own)) == cpus
+
+
+@pytest.mark.parametrize(
+    ("own", "files", "used", "cpu"),
+    [
+        (
+            NESTED_V2,
+            {
+                "system.slice/jobs.service/memory.current": str(300 << 20),
+                "system.slice/jobs.service/memory.stat": f"anon 1\ninactive_file {100 << 20}\nactive_file 5",
+                "system.slice/jobs.service/cpu.stat": "usage_usec 2500000\nuser_usec 2000000",
+            },
+            200 << 20,
+            2.5,
+        ),
+        (
+            NESTED_V1,
+            {
+                "memory/jobs/memory.usage_in_bytes": str(64 << 20),
+                "memory/jobs/memory.stat": f"cache 9\ntotal_inactive_file {16 << 20}",
+                "cpu,cpuacct/jobs/cpuacct.usage": "1500000000",
+            },
+            48 << 20,
+            1.5,
+        ),
+        ("0::/", {}, None, None),
+    ],
+    ids=["v2-service", "v1-service", "none"],
+)
+def test_the_cgroups_working_set_and_cpu_time(
+    tmp_path: Path, own: str, files: dict[str, str], used: int | None, cpu: float | None
+) -> None:
+    """What autoscale weighs growth against: memory in use less reclaimable inactive file cache (the
+    kubelet's working set), and CPU seconds used, both of our own cgroup."""
+    where = cgroup(tmp_path, files, own)
+    assert cgroups.memory_used(*where) == used
+    assert cgroups.cpu_usage(*where) == cpu
 
 
 # ---- describing (masking a URL: test_connection.py)

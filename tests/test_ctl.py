@@ -95,7 +95,7 @@ def test_status_table_and_json_show_what_rq_and_the_process_tree_show(start, con
     assert {k for w in doc["workers"] for k in w} == documented_fields("Each worker")
     assert doc["pid"] == s.pid and doc["generation"] == 1 and doc["paused"] is False
     assert doc["stopping"] is None and doc["draining"] is False and doc["app"] == ["testapp"]
-    assert doc["groups"] == [{"name": "default", "queues": ["default"], "size": 2}]
+    assert doc["groups"] == [{"name": "default", "queues": ["default"], "size": 2, "autoscale": None}]
     assert doc["jobs"] == {"done": 0, "failed": 0, "requeued": 0}
     [mold] = doc["molds"]
     tree = descendants(s.pid)
@@ -585,10 +585,11 @@ def test_metrics_are_served_from_the_loop_and_count_across_worker_restarts(start
     wait_for(lambda: value(scrape(port), "resque_starter_jobs_finished_total") == 3, what="3 finished")
     wait_for(lambda: value(scrape(port), "resque_starter_jobs_failed_total") == 1, what="1 failed")
     # every metric is documented (a histogram by its name: its samples add _bucket, _sum and _count);
-    # only the autoscale window's is absent here, with autoscale off (test_autoscale scrapes it)
+    # only the autoscale gauges are absent here, with autoscale off (test_autoscale scrapes them)
     names = {name for name, _ in scrape(port) if name.startswith("resque_starter_")}
     served = {re.sub(r"_(bucket|sum|count)$", "", name) for name in names}
-    assert served == documented_metrics() - {"resque_starter_autoscale_workers"}
+    autoscale = {"resque_starter_autoscale_workers", "resque_starter_autoscale_held"}
+    assert served == documented_metrics() - autoscale
     for w in s.status()["workers"]:
         os.kill(w["pid"], signal.SIGKILL)  # the counters of these workers die with them
     wait_for(lambda: value(scrape(port), "resque_starter_worker_restarts_total") == 2, what="2 restarts")

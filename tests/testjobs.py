@@ -283,3 +283,19 @@ def spin(seconds: int, tag: str = "done") -> int:
     """Run `seconds`-ish inside one C call that holds the GIL (rq's SIGALRM timeout never gets a turn)."""
     _record(f"{tag}:started")
     return sum(range(seconds * 30_000_000))
+
+
+def hold(megabytes: int, seconds: float, tag: str = "done") -> None:
+    """Hold `megabytes` of written memory for `seconds`: a job whose work-horse costs that much."""
+    held = b"\x01" * (megabytes << 20)
+    time.sleep(seconds)
+    assert len(held) == megabytes << 20
+    _record(tag)
+
+
+def burn(seconds: float, tag: str = "done") -> None:
+    """Keep one CPU busy for `seconds` of wall time, in Python (rq's timeouts still work)."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        pass
+    _record(tag)

@@ -5,11 +5,12 @@ emptied, a stop escalated on its deadline, pause and resume, recoveries handed t
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
 
-from resque_starter import cgroups, procmem, watchdog
+from resque_starter import autoscale, cgroups, procmem, watchdog
 from resque_starter.config import EXIT_INTERRUPTED, EXIT_OK
 from resque_starter.process_table import Worker
 from resque_starter.states import Intake, StopLevel, WorkerState
@@ -20,6 +21,8 @@ from resque_starter.supervisor.state import (
     SupervisorState,
     log,
 )
+
+COST_SAMPLES = 32  # workers whose memory _memory_fits reads (those running a job first), at most 1/s
 
 
 class Converge(SupervisorState):
@@ -35,30 +38,63 @@ class Converge(SupervisorState):
             self.serving_generation = self.generation
 
     def _converge_autoscale(self) -> None:
-        """The first group's size from its backlog (autoscale.py); the slot loop forks or stops workers."""
-        scaler = self.autoscaler
-        if scaler is None or self.paused:
+        """Each autoscaling group's size from its backlog (autoscale.py); the slot loop forks or stops."""
+        if not self.autoscalers or self.paused:
             return
-        group = self.settings.groups[0]
+        now = time.monotonic()
+        self.cpu_load.sample(now)
         rows = self.queues()
-        mine = None if rows is None else [rows[q] for q in group.queues if q in rows]
-        waiting = None if mine is None else sum(r["waiting"] for r in mine)
-        oldest = max((r["oldest_age"] for r in mine or [] if r["oldest_age"] is not None), default=None)
-        idle = sum(w.spec.group == 0 and w.state == WorkerState.IDLE for w in self.workers.values())
-        size = scaler.decide(time.monotonic(), self.sizes[0], oldest, waiting, idle, self._fits)
-        if size != self.sizes[0]:
-            log.info("autoscale: group %s: %d -> %d worker(s)", group.name, self.sizes[0], size)
-            self.sizes[0] = size
+        for index, group in enumerate(self.settings.groups):
+            scaler = self.autoscalers.get(group.name)
+            if scaler is None:
+                continue
+            mine = None if rows is None else [rows[q] for q in group.queues if q in rows]
+            waiting = None if mine is None else sum(r["waiting"] for r in mine)
+            oldest = max((r["oldest_age"] for r in mine or [] if r["oldest_age"] is not None), default=None)
+            idle = sum(w.spec.group == index and w.state == WorkerState.IDLE for w in self.workers.values())
+            room = functools.partial(self._room, index)
+            size = scaler.decide(now, self.sizes[index], oldest, waiting, idle, room)
+            if size != self.sizes[index]:
+                log.info("autoscale: group %s: %d -> %d worker(s)", group.name, self.sizes[index], size)
+                self.sizes[index] = size
 
-    def _fits(self, first_group: int) -> bool:
-        """Whether the workers, with `first_group` in the first group, fit the container's memory, by the
-        estimate the start-up check logs (the serving mold's cost per worker against the cgroup limit)."""
-        mold = self.molds.get(self.serving_generation)
-        own, app = procmem.read(), procmem.read(mold.pid) if mold is not None else None
-        if own is None or app is None:
+    def _room(self, index: int, size: int) -> str | None:
+        """What leaves no room for group `index` at `size` workers: "cpu" when the container's CPUs are
+        busy, "memory" when one more worker would not fit its memory; None when it fits."""
+        busy = self.cpu_load.busy()
+        if busy is not None and busy >= autoscale.CPU_BUSY:
+            return "cpu"
+        more = size - self.sizes[index]
+        return None if self._memory_fits(sum(self.sizes) + more) else "memory"
+
+    def _memory_fits(self, total: int) -> bool:
+        """Whether `total` workers fit the container's memory, under MEMORY_CEILING of its limit: the
+        cgroup's working set now, plus what each worker lacks now of what the costliest worker holds
+        with its work-horse (an idle worker, or one whose horse has just forked or exited, is about
+        to hold as much), plus that cost for each worker not forked yet. Without a working set to
+        read, the start-up estimate (the mold's cost per worker)."""
+        limit = cgroups.memory_limit()
+        if limit is None:
             return True
-        workers = sum(self.sizes) - self.sizes[0] + first_group
-        return procmem.fit(workers, own.uss, app.uss, cgroups.memory_limit(), cgroups.cpu_quota())[0]
+        used = cgroups.memory_used()
+        if used is None:
+            mold = self.molds.get(self.serving_generation)
+            own, app = procmem.read(), procmem.read(mold.pid) if mold is not None else None
+            return own is None or app is None or procmem.fit(total, own.uss, app.uss, limit, None)[0]
+        live = sorted(
+            (w for w in self.workers.values() if w.pid is not None and not w.stopping),
+            key=lambda w: not w.job,
+        )
+        held = [self._holds(w) for w in live[:COST_SAMPLES]]
+        cost = max([procmem.WORKER_OVERHEAD, *held])
+        lacking = sum(cost - h for h in held) + max(0, total - len(live)) * cost
+        return used + lacking <= limit * autoscale.MEMORY_CEILING
+
+    @staticmethod
+    def _holds(w: Worker) -> int:
+        """The private memory a worker holds with its work-horse, if it runs one (/proc/PID/smaps_rollup)."""
+        pids = [w.pid, (w.job or {}).get("horse")]
+        return sum(m.uss for pid in pids if pid and (m := procmem.read(pid)) is not None)
 
     def _converge_slots(self) -> None:
         mold = self.molds.get(self.generation)

@@ -14,7 +14,7 @@ from typing import Any
 from resque_starter import commands, config_file, loader
 from resque_starter.config import MAX_GROUP_SIZE, ConfigError, Settings
 from resque_starter.states import Intake, StopLevel, WorkerState
-from resque_starter.supervisor.state import QUICK_GRACE, STOP_REPORT_EVERY, SupervisorState, log
+from resque_starter.supervisor.state import QUICK_GRACE, STOP_REPORT_EVERY, SupervisorState, autoscalers, log
 
 
 class DesiredState(SupervisorState):
@@ -74,8 +74,7 @@ class DesiredState(SupervisorState):
 
     def scale(self, group: str, size: int) -> None:
         index = [g.name for g in self.settings.groups].index(group)
-        if index == 0 and self.autoscaler is not None:
-            self.autoscaler = None
+        if self.autoscalers.pop(group, None) is not None:
             log.info("autoscale off: group %s has a fixed size now", group)
         if size and not self.sizes[index]:
             self.took_at[group] = time.monotonic()  # the progress check counts from the scale-up
@@ -85,8 +84,8 @@ class DesiredState(SupervisorState):
     def shift_autoscale(self, group: str, delta: int) -> tuple[int, int] | None:
         """TTIN/TTOU (scale +N/-N) while autoscaling: move MIN:MAX by delta; None when `group` does not
         autoscale (then the command scales it as usual)."""
-        scaler = self.autoscaler
-        if scaler is None or group != self.settings.groups[0].name:
+        scaler = self.autoscalers.get(group)
+        if scaler is None:
             return None
         low, high = scaler.low + delta, scaler.high + delta
         if low < 0 or high < 1 or high > MAX_GROUP_SIZE:
@@ -155,6 +154,8 @@ class DesiredState(SupervisorState):
         if new.redis_url is None:
             new = dataclasses.replace(new, redis_url=self.settings.redis_url)
         self.sizes = self._sizes_after_reload(new)
+        windows = {g.name: g.window for g in self.settings.groups}
+        self.autoscalers = autoscalers(new, self.autoscalers, windows)
         self.intake = {g.name: self._intake_of(g.name) for g in new.groups}
         for g in new.groups:
             self.took_at.setdefault(g.name, time.monotonic())

@@ -80,7 +80,7 @@ class Reports(SupervisorState):
             "generation": self.generation,
             "serving_generation": self.serving_generation,
             "groups": [
-                {"name": g.name, "queues": list(g.queues), "size": self.sizes[i]}
+                {"name": g.name, "queues": list(g.queues), "size": self.sizes[i]} | self._autoscale_of(g.name)
                 for i, g in enumerate(self.settings.groups)
             ],
             "paused": self.paused,
@@ -97,15 +97,6 @@ class Reports(SupervisorState):
             "reloads": self.reloads,
             "jobs": dict(self.jobs),
             "queues": self.queues(),
-            "autoscale": None
-            if self.autoscaler is None
-            else {
-                "group": self.settings.groups[0].name,
-                "min": self.autoscaler.low,
-                "max": self.autoscaler.high,
-                "wait": self.settings.autoscale_wait,
-                "cooldown": self.settings.autoscale_cooldown,
-            },
             "redis_url": config.mask_url(self.settings.redis_url or ""),
             "app": list(self.settings.app),
             "agent": {
@@ -116,6 +107,14 @@ class Reports(SupervisorState):
                 "settled_pods": self.settled_pods,
             },
         }
+
+    def _autoscale_of(self, group: str) -> dict[str, Any]:
+        """A group's `autoscale` field: its window and what holds its growth back; None when off."""
+        scaler = self.autoscalers.get(group)
+        if scaler is None:
+            return {"autoscale": None}
+        shown = {"min": scaler.low, "max": scaler.high, "wait": scaler.wait, "cooldown": scaler.cooldown}
+        return {"autoscale": {**shown, "held": scaler.held}}
 
     def job_stats(self) -> dict[str, Any]:
         return self.job_metrics.snapshot()

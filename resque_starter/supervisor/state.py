@@ -13,8 +13,8 @@ import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
-from resque_starter import commands, config_file, loader
-from resque_starter.autoscale import Autoscaler
+from resque_starter import cgroups, commands, config_file, loader
+from resque_starter.autoscale import Autoscaler, CpuLoad
 from resque_starter.config import Settings
 from resque_starter.control_server import ControlServer
 from resque_starter.job_stats import JobStats
@@ -74,6 +74,27 @@ def _receive(sock: socket.socket) -> bytes | None:
         return b""
 
 
+def autoscalers(
+    settings: Settings, before: dict[str, Autoscaler], windows: dict[str, tuple[int, int] | None]
+) -> dict[str, Autoscaler]:
+    """The groups that autoscale, by name. After a reload (`windows`: each group's configured window
+    before it) a group whose configured window did not change keeps its scaler, moved window and all,
+    or stays off if `ctl scale N` turned it off."""
+    found = {}
+    for g in settings.groups:
+        if g.window is None:
+            continue
+        if g.name in windows and windows[g.name] == g.window:
+            if g.name not in before:
+                continue
+            scaler = before[g.name]
+        else:
+            scaler = Autoscaler(*g.window, settings.autoscale_wait, settings.autoscale_cooldown)
+        scaler.wait, scaler.cooldown = settings.autoscale_wait, settings.autoscale_cooldown
+        found[g.name] = scaler
+    return found
+
+
 class SupervisorState(ABC):
     """The supervisor's state, typed once for every part of it (lifecycle.py, desired.py, converge.py,
     exits.py, molds.py, agent_link.py, reports.py, each a mixin over this class), and the methods one
@@ -116,11 +137,8 @@ class SupervisorState(ABC):
         self.queue_report: tuple[dict[str, dict[str, Any]], float] | None = None  # the agent's, and when
         # per group: when (time.monotonic()) one of its workers last took a job, or it began to take them
         self.took_at = {g.name: time.monotonic() for g in settings.groups}
-        self.autoscaler = (
-            Autoscaler(*settings.autoscale, settings.autoscale_wait, settings.autoscale_cooldown)
-            if settings.autoscale is not None
-            else None
-        )
+        self.autoscalers = autoscalers(settings, {}, {})  # by group name: the groups that autoscale
+        self.cpu_load = CpuLoad(cgroups.cpu_quota())
         self._seq = 0
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
