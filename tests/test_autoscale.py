@@ -16,6 +16,7 @@ import pytest
 from rq import Queue
 from rq.registry import FailedJobRegistry
 from test_job_metrics import sample, scrape
+from test_queue_gauges import scale
 
 from resque_starter.autoscale import CPU_BUSY, CPU_WINDOW, STEP, Autoscaler, CpuLoad
 from resque_starter.config import Group, Settings
@@ -43,6 +44,9 @@ def test_grows_under_a_backlog_up_to_max_and_shrinks_after_the_cool_down(start, 
     s.wait_workers(1)
     window = {"min": 1, "max": 3, "wait": 0.3, "cooldown": 3.0, "held": None}
     assert s.status()["groups"][0]["autoscale"] == window
+    # KEDA's /scale counts what the pod can grow to: pods are added only for what MAX cannot take
+    wait_for(lambda: scale(port) == (200, {"desired_pods": 0, "waiting": 0, "running": 0,
+                                           "capacity_per_pod": 3, "queues": ["default"]}), 15)  # fmt: skip
     samples = scrape(port)
     assert sample(samples, "resque_starter_autoscale_workers", group="default", bound="min") == 1
     assert sample(samples, "resque_starter_autoscale_workers", group="default", bound="max") == 3
@@ -121,13 +125,20 @@ def watch_growth(s, held: str, sizes: list[int]) -> None:  # type: ignore[no-unt
 def test_growth_stops_below_the_cgroups_memory_limit(cgroup, starters, redis_url, run_dir, conn) -> None:
     """Jobs of 48 MB each wait; the group grows while one more worker (measured: its own memory and its
     horse's) fits under the limit the kernel enforces, then holds, and no process is OOM-killed."""
-    s = in_cgroup(starters, redis_url, run_dir, cgroup)
+    port = free_port()
+    s = in_cgroup(starters, redis_url, run_dir, cgroup, RESQUE_STARTER_METRICS_PORT=str(port))
     s.wait_workers(1)
     cgroup.limit_memory(cgroup.memory_used() + (220 << 20))  # room for a few such workers, not 12
     jobs = [Queue("default", connection=conn).enqueue("testjobs.hold", 48, 2.0) for _ in range(12)]
     sizes: list[int] = []
     watch_growth(s, "memory", sizes)
     assert 2 <= max(sizes) < 12, sizes
+
+    def capacity_is_the_size_while_held() -> bool:
+        size = s.status()["groups"][0]["size"]
+        return scale(port)[1]["capacity_per_pod"] == size and autoscale_of(s)["held"] == "memory"
+
+    wait_for(capacity_is_the_size_while_held, 10, what="/scale to count only the workers that fit")
     wait_for(lambda: all(j.get_status(refresh=True) == "finished" for j in jobs), 90, what="every job")
     assert conn.llen("testjobs:done") == 12 and FailedJobRegistry("default", connection=conn).count == 0
     assert cgroup.oom_kills() == 0, "autoscale grew past what the memory limit holds"

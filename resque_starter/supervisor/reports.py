@@ -126,9 +126,19 @@ class Reports(SupervisorState):
         return self.queue_report[0]
 
     def demand(self) -> dict[str, Any] | None:
-        """Pods wanted for the jobs waiting and running on the pod's queues, at this pod's worker count."""
+        """Pods wanted for the jobs waiting and running on the pod's queues, at this pod's capacity."""
         rows = self.queues()
-        return None if rows is None else queue_gauges.demand(rows, sum(self.sizes))
+        return None if rows is None else queue_gauges.demand(rows, self._capacity())
+
+    def _capacity(self) -> int:
+        """Workers this pod can run: a group's size, or for an autoscaling group its MAX unless memory or
+        CPU holds its growth back. KEDA then adds pods only for what the pods cannot take by growing."""
+        capacity = 0
+        for size, group in zip(self.sizes, self.settings.groups, strict=True):
+            scaler = self.autoscalers.get(group.name)
+            growing = scaler is not None and scaler.held not in ("memory", "cpu")
+            capacity += scaler.high if growing and scaler is not None else size
+        return capacity
 
     def health(self, check: str) -> dict[str, Any]:
         """live: the loop answers and a mold serves; ready: also not stopping, a worker registered with rq
