@@ -126,6 +126,19 @@ def test_the_watchdog_kills_a_simple_worker_stuck_in_c_code_past_its_timeout(sta
     s.wait_workers(1)  # a new worker takes the slot
 
 
+def test_a_horse_that_rq_kills_past_its_timeout_leaves_its_stack_and_frame(start, conn) -> None:  # type: ignore[no-untyped-def]
+    """rq's horse monitor kills a horse 60 s (rq's fixed margin) past its job's timeout; the worker asks
+    the horse for its stack first, logs it, and the failed job's reason names the frame."""
+    s = start(RESQUE_STARTER_WORKER_CLASS="rq.Worker", RESQUE_STARTER_CONCURRENCY="1")
+    s.wait_workers(1)
+    job, _ = running(s, conn, "testjobs.deaf_sleep", 300, job_timeout=1)
+    wait_for(lambda: job.get_status(refresh=True) == JobStatus.FAILED, timeout=120, what="the horse killed")
+    reason = job.latest_result().exc_string  # type: ignore[union-attr]
+    assert "stuck for" in reason and "testjobs.py:" in reason and " deaf_sleep" in reason, reason
+    log = s.log()
+    assert "stuck for" in log and "in deaf_sleep" in log and "most recent call first" in log, log[-3000:]
+
+
 def test_the_watchdog_never_touches_a_long_job_within_its_timeout(start, conn) -> None:  # type: ignore[no-untyped-def]
     s = simple_worker(start, stuck_grace="0")
     job, row = running(s, conn, "testjobs.sleep_then_record", 3, job_timeout=4)

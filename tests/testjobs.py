@@ -299,3 +299,13 @@ def burn(seconds: float, tag: str = "done") -> None:
     while time.monotonic() < until:
         pass
     _record(tag)
+
+
+def deaf_sleep(seconds: float, tag: str = "done") -> None:
+    """Sleep with SIGALRM ignored: rq's timeout (an alarm in the process that runs the job) never fires,
+    as in a job whose C library swallows it; only something outside the process can end it."""
+    import signal
+
+    _record(f"{tag}:started")
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    time.sleep(seconds)
