@@ -11,7 +11,8 @@ over its socketpair as the workers' do (protocol.py):
 - {"event": "redis", "ok": bool}: every PROBE_INTERVAL; readiness, and the agent's heartbeat
 - {"event": "swept"}: once, when every lease due at its start (and its predecessor's) is settled
 - {"event": "settled", "pod": id, "counts": {...}}: it settled a dead pod's jobs
-- {"event": "queues", "queues": {name: {...}}}: every queue_gauges.INTERVAL, the pod's queue gauges
+- {"event": "queues", "queues": {name: {...}}}: every queue_gauges.INTERVAL (AUTOSCALE_INTERVAL when a
+  group autoscales), the pod's queue gauges
 - {"event": "lease-lost", "by": id}: another pod took this pod's lease over; the agent then exits
 - {"event": "released"}: after {"op": "release"}, the lease is removed; the agent then exits
 
@@ -104,10 +105,11 @@ class Agent:
         self._incoming: dict[str, list[str]] = {}
         self.refresh = Duty(settings.lease_ttl / 3, self._refresh)
         self.queues = list(dict.fromkeys(q for group in settings.groups for q in group.queues))
+        autoscaling = any(group.window is not None for group in settings.groups)
         self.duties = [
             self.refresh,
             Duty(PROBE_INTERVAL, self._probe),
-            Duty(queue_gauges.INTERVAL, self._gauges),
+            Duty(queue_gauges.AUTOSCALE_INTERVAL if autoscaling else queue_gauges.INTERVAL, self._gauges),
         ]
 
     def run(self) -> None:

@@ -7,12 +7,13 @@ report, its workers' states, the cgroup's memory and CPU), made in the reconcile
 then forks or gracefully stops workers as for `ctl scale` (a stopped worker finishes its job first:
 nothing is lost).
 
-- Grow, one worker at a time (at most one change per STEP seconds), while the oldest waiting job of the
-  group's queues has waited longer than AUTOSCALE_WAIT, up to MAX and only while the container has room
-  for one more: its memory (the cgroup's working set plus what a running worker costs, under
-  MEMORY_CEILING of the limit) and its CPU (under CPU_BUSY of the quota over the last CPU_WINDOW: on
-  saturated CPUs another worker only adds memory and latency). Without a memory limit or a CPU quota
-  that resource never holds growth back: the container is not limited there. What holds it is reported.
+- Grow while the oldest waiting job of the group's queues has waited longer than AUTOSCALE_WAIT, at most
+  one change per STEP seconds, doubling the workers but adding no more than jobs wait (1, 2, 4, 8: MAX
+  within seconds), up to MAX and only while the container has room for them: its memory (the cgroup's
+  working set plus what a running worker costs, under MEMORY_CEILING of the limit) and its CPU (under
+  CPU_BUSY of the quota over the last CPU_WINDOW: on saturated CPUs another worker only adds memory and
+  latency). Without a memory limit or a CPU quota that resource never holds growth back: the container
+  is not limited there. What holds it is reported.
 - Shrink by one when nothing waited and a worker stayed idle for AUTOSCALE_COOLDOWN; again only after
   another full cool-down. Never below MIN.
 - Hysteresis: growth needs jobs that wait too long, shrinking needs an idle worker and no waiting job for
@@ -62,8 +63,7 @@ class Autoscaler:
             return size
         if oldest_age is not None and oldest_age > self.wait:
             self.idle_since = None
-            self.held = "max" if size >= self.high else room(size + 1)
-            return size if self.held else self._changed(now, size + 1)
+            return self._grow(now, size, waiting, room)
         self.held = None
         if waiting > 0 or idle == 0:
             self.idle_since = None
@@ -73,6 +73,18 @@ class Autoscaler:
         elif now - self.idle_since >= self.cooldown and size > self.low:
             self.idle_since = now  # the next one after another whole cool-down
             return self._changed(now, size - 1)
+        return size
+
+    def _grow(self, now: float, size: int, waiting: int, room: Callable[[int], str | None]) -> int:
+        """Double the workers (at least one more), for no more jobs than wait, up to MAX; one more only,
+        if the double has no room; none if that has none either (then `held` says why)."""
+        if size >= self.high:
+            self.held = "max"
+            return size
+        for target in dict.fromkeys((min(self.high, size + max(1, min(size, waiting))), size + 1)):
+            self.held = room(target)
+            if self.held is None:
+                return self._changed(now, target)
         return size
 
     def _changed(self, now: float, size: int) -> int:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import redis
 
 INTERVAL = 2.0  # seconds between two readings: fresher than KEDA's polling, cheap for Redis
+AUTOSCALE_INTERVAL = 1.0  # when a group autoscales: a burst is seen a second sooner
 STALE = 3 * INTERVAL  # a report older than this is not served: the agent or Redis is in trouble
 
 

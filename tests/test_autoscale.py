@@ -177,6 +177,16 @@ def test_the_decision_has_hysteresis_bounds_and_room() -> None:
         "waiting, not for long"
     )
     assert scaler.held is None, "nothing holds growth back when none is wanted"
+    wide = Autoscaler(low=1, high=8, wait=1.0, cooldown=10.0)
+    assert wide.decide(t, 2, oldest_age=5.0, waiting=10, idle=0, room=yes) == 4, "doubles"
+    assert wide.decide(t + STEP, 4, oldest_age=5.0, waiting=1, idle=0, room=yes) == 5, "no more than wait"
+    assert wide.decide(t + 2 * STEP, 5, oldest_age=5.0, waiting=9, idle=0, room=yes) == 8, "up to MAX"
+    empty = Autoscaler(low=0, high=8, wait=1.0, cooldown=10.0)
+    assert empty.decide(t, 0, oldest_age=5.0, waiting=9, idle=0, room=yes) == 1, "from none, one"
+    tight = Autoscaler(low=1, high=8, wait=1.0, cooldown=10.0)
+    assert (
+        tight.decide(t, 4, oldest_age=5.0, waiting=9, idle=0, room=lambda n: "memory" if n > 5 else None) == 5
+    ), "one more when the double has no room"
     # idle with nothing waiting: one fewer only after a whole cool-down, then again after another
     assert scaler.decide(t + 5, 3, None, waiting=0, idle=2, room=yes) == 3
     assert scaler.decide(t + 14, 3, None, waiting=0, idle=2, room=yes) == 3
