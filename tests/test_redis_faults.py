@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -132,6 +133,54 @@ def test_a_redis_that_stops_answering_does_not_wedge_signal_handling(start, tmp_
         sleeper.join()
     finally:
         server.stop()
+
+
+SILENT_DNS = """\
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 53))
+open(sys.argv[1] + ".ready", "w").close()
+while True:  # every query is read and written down, none is answered
+    query, _ = s.recvfrom(4096)
+    with open(sys.argv[1], "ab") as f:
+        f.write(query)
+"""
+# A network and mount namespace of the supervisor's own, where /etc/resolv.conf names a resolver on
+# 127.0.0.1 that never answers: every lookup of the Redis host hangs for the resolver's whole timeout.
+IN_DEAF_DNS = """\
+set -e
+ip link set lo up
+mount --bind "$RESOLV_CONF" /etc/resolv.conf
+"$DNS_PYTHON" "$SILENT_DNS" "$DNS_QUERIES" &
+until [ -e "$DNS_QUERIES.ready" ]; do sleep 0.01; done
+exec "$@"
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace and a bind mount need root")
+def test_a_resolver_that_never_answers_does_not_wedge_pid1(starters, run_dir: str, tmp_path: Path) -> None:
+    """PID 1 makes no network call, so no lookup can freeze it: with REDIS_URL naming a host whose
+    lookup hangs, TTIN, readiness and a stop are answered at once, and the stop ends in time."""
+    (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:5 attempts:3\n")
+    (tmp_path / "silent_dns.py").write_text(SILENT_DNS)
+    queries = tmp_path / "queries"
+    env = base_env("redis://redis-host.invalid:6379/0", run_dir, RESQUE_STARTER_CONCURRENCY="1",
+                   RESQUE_STARTER_DRAIN_TIMEOUT="5", RESOLV_CONF=str(tmp_path / "resolv.conf"),
+                   SILENT_DNS=str(tmp_path / "silent_dns.py"), DNS_QUERIES=str(queries),
+                   DNS_PYTHON=sys.executable)  # fmt: skip
+    prefix = ("unshare", "--mount", "--net", "--fork", "--kill-child", "bash", "-c", IN_DEAF_DNS, "deaf-dns")
+    s = starters(env, prefix=prefix)
+    wait_for(lambda: queries.exists() and b"redis-host" in queries.read_bytes(), 30, what="a lookup to hang")
+    began = time.monotonic()
+    size = s.status()["groups"][0]["size"]
+    s.signal(signal.SIGTTIN)
+    wait_for(lambda: s.status()["groups"][0]["size"] == size + 1, 1.0, what="TTIN handled at once")
+    ready = ctl(s.run_dir, "health", "--ready", timeout=5)
+    assert ready.returncode == 1 and '"redis": false' in ready.stdout, ready.stdout + ready.stderr
+    s.signal(signal.SIGTERM)
+    wait_for(lambda: s.status()["stopping"] is not None, 1.0, what="TERM handled at once")
+    assert time.monotonic() - began < 5, "all of that while every lookup hung"
+    s.wait_exit(30)
 
 
 def _answers(url: str) -> bool:
