@@ -106,6 +106,23 @@ def test_a_min_max_size_in_groups_autoscales_that_group(start, conn) -> None:
     s.wait_workers(2)
 
 
+def test_a_paused_group_does_not_grow_for_the_jobs_it_keeps_waiting(start, conn) -> None:
+    s = start(RESQUE_STARTER_GROUPS="a=1; b=1:3", RESQUE_STARTER_CONCURRENCY="",
+              RESQUE_STARTER_AUTOSCALE_WAIT="0.2")  # fmt: skip
+    s.wait_workers(2)
+    ok(s.run_dir, "pause", "b")
+    Queue("b", connection=conn).enqueue("testjobs.record")
+
+    def waited_long() -> bool:  # long enough for an open group to have grown twice
+        rows = s.status()["queues"] or {}
+        return (rows.get("b", {}).get("oldest_age") or 0) > 0.2 + 3 * STEP
+
+    wait_for(waited_long, 15, what="the paused group's job to wait")
+    assert s.status()["groups"][1]["size"] == 1, "a paused group's waiting jobs are no backlog"
+    ok(s.run_dir, "resume", "b")
+    wait_for(lambda: conn.llen("testjobs:done") == 1, 10, what="the job, once resumed")
+
+
 def in_cgroup(starters, redis_url, run_dir, box: Sandbox, **env: str):  # type: ignore[no-untyped-def]
     """A supervisor started inside `box` (tests/in_cgroup.py), autoscaling 1:12 from one worker."""
     env = base_env(redis_url, run_dir, IN_CGROUP=box.procs, RESQUE_STARTER_CONCURRENCY="1",

@@ -39,15 +39,15 @@ class Converge(SupervisorState):
 
     def _converge_autoscale(self) -> None:
         """Each autoscaling group's size from its backlog (autoscale.py); the slot loop forks or stops."""
-        if not self.autoscalers or self.paused:
+        if not self.autoscalers:
             return
         now = time.monotonic()
         self.cpu_load.sample(now)
         rows = self.queues()
         for index, group in enumerate(self.settings.groups):
             scaler = self.autoscalers.get(group.name)
-            if scaler is None:
-                continue
+            if scaler is None or self._intake_of(group.name) is not Intake.OPEN:
+                continue  # a paused or draining group's jobs wait by design: no reason to grow
             mine = None if rows is None else [rows[q] for q in group.queues if q in rows]
             waiting = None if mine is None else sum(r["waiting"] for r in mine)
             oldest = max((r["oldest_age"] for r in mine or [] if r["oldest_age"] is not None), default=None)
