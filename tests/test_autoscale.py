@@ -163,14 +163,15 @@ def test_growth_stops_below_the_cgroups_memory_limit(cgroup, starters, redis_url
 
 def test_growth_stops_while_the_cpu_quota_is_used_up(cgroup, starters, redis_url, run_dir, conn) -> None:
     """Jobs that burn CPU under a quota of half a CPU: more workers would only wait for the CPU, so the
-    group does not grow past the one step taken before the quota filled, and says why."""
+    group stops growing once the last second's CPU shows the quota used up (the steps taken before it
+    was measured: 1 -> 2, maybe 2 -> 4), far below MAX, and says why."""
     cgroup.limit_cpu(0.5)
     s = in_cgroup(starters, redis_url, run_dir, cgroup)
     s.wait_workers(1)
     jobs = [Queue("default", connection=conn).enqueue("testjobs.burn", 1.0) for _ in range(10)]
     sizes: list[int] = []
     watch_growth(s, "cpu", sizes)
-    assert max(sizes) <= 2, sizes
+    assert max(sizes) <= 4, sizes
     wait_for(lambda: all(j.get_status(refresh=True) == "finished" for j in jobs), 90, what="every job")
     assert conn.llen("testjobs:done") == 10
 
