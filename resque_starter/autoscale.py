@@ -94,18 +94,26 @@ class Autoscaler:
 
 class CpuLoad:
     """The share of the container's CPU quota its cgroup used over the last CPU_WINDOW seconds, from
-    samples of the cgroup's usage counter (one small file read per sample); nothing without a quota."""
+    samples of the cgroup's usage counter; nothing without a quota. The quota is read at each sample
+    too (a few small file reads a second at most): it can change under a running pod (an in-place
+    resize)."""
 
-    def __init__(self, quota: float | None, usage: Callable[[], float | None] = cgroups.cpu_usage) -> None:
-        self._usage = usage
+    def __init__(
+        self,
+        quota: Callable[[], float | None] = cgroups.cpu_quota,
+        usage: Callable[[], float | None] = cgroups.cpu_usage,
+    ) -> None:
+        self._quota, self._usage = quota, usage
         self._samples: deque[tuple[float, float]] = deque()
-        self.quota = quota
+        self.quota: float | None = None
 
     def sample(self, now: float) -> None:
-        if self.quota is None or (self._samples and now - self._samples[-1][0] < STEP / 2):
+        if self._samples and now - self._samples[-1][0] < STEP / 2:
             return
-        used = self._usage()
+        self.quota = self._quota()
+        used = self._usage() if self.quota is not None else None
         if used is None:
+            self._samples.clear()
             return
         self._samples.append((now, used))
         while len(self._samples) > 2 and now - self._samples[1][0] >= CPU_WINDOW:

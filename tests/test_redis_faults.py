@@ -145,7 +145,7 @@ while True:  # every query is read and written down, none is answered
     with open(sys.argv[1], "ab") as f:
         f.write(query)
 """
-# A network and mount namespace of the supervisor's own, where /etc/resolv.conf names a resolver on
+# A network, mount and PID namespace of the supervisor's own, where /etc/resolv.conf names a resolver on
 # 127.0.0.1 that never answers: every lookup of the Redis host hangs for the resolver's whole timeout.
 IN_DEAF_DNS = """\
 set -e
@@ -168,7 +168,9 @@ def test_a_resolver_that_never_answers_does_not_wedge_pid1(starters, run_dir: st
                    RESQUE_STARTER_DRAIN_TIMEOUT="5", RESOLV_CONF=str(tmp_path / "resolv.conf"),
                    SILENT_DNS=str(tmp_path / "silent_dns.py"), DNS_QUERIES=str(queries),
                    DNS_PYTHON=sys.executable)  # fmt: skip
-    prefix = ("unshare", "--mount", "--net", "--fork", "--kill-child", "bash", "-c", IN_DEAF_DNS, "deaf-dns")
+    # the supervisor becomes PID 1 of the namespace: the resolver (its adopted child) dies with it
+    unshare = ("unshare", "--mount", "--net", "--pid", "--mount-proc", "--fork", "--kill-child")
+    prefix = (*unshare, "bash", "-c", IN_DEAF_DNS, "deaf-dns")
     s = starters(env, prefix=prefix)
     wait_for(lambda: queries.exists() and b"redis-host" in queries.read_bytes(), 30, what="a lookup to hang")
     began = time.monotonic()
@@ -181,6 +183,16 @@ def test_a_resolver_that_never_answers_does_not_wedge_pid1(starters, run_dir: st
     wait_for(lambda: s.status()["stopping"] is not None, 1.0, what="TERM handled at once")
     assert time.monotonic() - began < 5, "all of that while every lookup hung"
     s.wait_exit(30)
+    assert not any(b"silent_dns" in line for line in _cmdlines()), "the resolver outlived its namespace"
+
+
+def _cmdlines() -> list[bytes]:
+    """The command line of every process now."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            found.append(Path(f"/proc/{entry}/cmdline").read_bytes())
+    return found
 
 
 def _answers(url: str) -> bool:

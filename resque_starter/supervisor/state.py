@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
-from resque_starter import cgroups, commands, config_file, loader
+from resque_starter import commands, config_file, loader
 from resque_starter.autoscale import Autoscaler, CpuLoad
 from resque_starter.config import Settings
 from resque_starter.control_server import ControlServer
@@ -138,7 +138,7 @@ class SupervisorState(ABC):
         # per group: when (time.monotonic()) one of its workers last took a job, or it began to take them
         self.took_at = {g.name: time.monotonic() for g in settings.groups}
         self.autoscalers = autoscalers(settings, {}, {})  # by group name: the groups that autoscale
-        self.cpu_load = CpuLoad(cgroups.cpu_quota())
+        self.cpu_load = CpuLoad()
         self._seq = 0
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
