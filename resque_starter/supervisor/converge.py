@@ -22,6 +22,7 @@ from resque_starter.supervisor.state import (
     log,
 )
 
+COST_MEMORY = 600.0  # seconds the most a worker held counts as its cost
 COST_SAMPLES = 32  # workers whose memory _memory_fits reads (those running a job first), at most 1/s
 
 
@@ -69,9 +70,9 @@ class Converge(SupervisorState):
 
     def _memory_fits(self, total: int) -> bool:
         """Whether `total` workers fit the container's memory, under MEMORY_CEILING of its limit: the
-        cgroup's working set now, plus what each worker lacks now of what the costliest worker holds
-        with its work-horse (an idle worker, or one whose horse has just forked or exited, is about
-        to hold as much), plus that cost for each worker not forked yet. Without a working set to
+        cgroup's working set now, plus what each worker lacks now of the most one worker held with its
+        work-horse within COST_MEMORY (an idle worker, or one whose horse has just forked or exited, is
+        about to hold as much), plus that cost for each worker not forked yet. Without a working set to
         read, the start-up estimate (the mold's cost per worker)."""
         limit = cgroups.memory_limit()
         if limit is None:
@@ -86,7 +87,10 @@ class Converge(SupervisorState):
             key=lambda w: not w.job,
         )
         held = [self._holds(w) for w in live[:COST_SAMPLES]]
-        cost = max([procmem.WORKER_OVERHEAD, *held])
+        cost, now = max([procmem.WORKER_OVERHEAD, *held]), time.monotonic()
+        if cost >= self.worker_cost[1] or now - self.worker_cost[0] > COST_MEMORY:
+            self.worker_cost = (now, cost)
+        cost = self.worker_cost[1]  # a horse just forked holds little yet: its job's may be the peak's
         lacking = sum(cost - h for h in held) + max(0, total - len(live)) * cost
         return used + lacking <= limit * autoscale.MEMORY_CEILING
 

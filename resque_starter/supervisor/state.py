@@ -139,6 +139,7 @@ class SupervisorState(ABC):
         self.took_at = {g.name: time.monotonic() for g in settings.groups}
         self.autoscalers = autoscalers(settings, {}, {})  # by group name: the groups that autoscale
         self.cpu_load = CpuLoad()
+        self.worker_cost = (0.0, 0)  # (time.monotonic(), bytes): the most a worker held lately
         self._seq = 0
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
