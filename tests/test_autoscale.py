@@ -140,11 +140,16 @@ def watch_growth(s, held: str, sizes: list[int]) -> None:  # type: ignore[no-unt
 
 
 def test_growth_stops_below_the_cgroups_memory_limit(cgroup, starters, redis_url, run_dir, conn) -> None:
-    """Jobs of 48 MB each wait; the group grows while one more worker (measured: its own memory and its
-    horse's) fits under the limit the kernel enforces, then holds, and no process is OOM-killed."""
+    """Jobs of 48 MB each wait; the group grows while one more worker (measured: the most a worker held
+    with its horse) fits under the limit the kernel enforces, then holds, and no process is OOM-killed."""
     port = free_port()
     s = in_cgroup(starters, redis_url, run_dir, cgroup, RESQUE_STARTER_METRICS_PORT=str(port))
     s.wait_workers(1)
+    # one such job first: the supervisor remembers what a worker held (10 minutes), so the burst's first
+    # steps know a job's cost before their own horses allocate; and the pod is whole (agent and all)
+    warm = Queue("default", connection=conn).enqueue("testjobs.hold", 48, 2.0)
+    wait_for(lambda: warm.get_status(refresh=True) == "finished", 30, what="the warm-up job")
+    conn.delete("testjobs:done")
     cgroup.limit_memory(cgroup.memory_used() + (220 << 20))  # room for a few such workers, not 12
     jobs = [Queue("default", connection=conn).enqueue("testjobs.hold", 48, 2.0) for _ in range(12)]
     sizes: list[int] = []

@@ -44,6 +44,7 @@ class Converge(SupervisorState):
             return
         now = time.monotonic()
         self.cpu_load.sample(now)
+        self._track_cost(now)
         rows = self.queues()
         for index, group in enumerate(self.settings.groups):
             scaler = self.autoscalers.get(group.name)
@@ -82,17 +83,32 @@ class Converge(SupervisorState):
             mold = self.molds.get(self.serving_generation)
             own, app = procmem.read(), procmem.read(mold.pid) if mold is not None else None
             return own is None or app is None or procmem.fit(total, own.uss, app.uss, limit, None)[0]
+        live, held, cost = self._worker_costs(time.monotonic())
+        lacking = sum(cost - h for h in held) + max(0, total - len(live)) * cost
+        return used + lacking <= limit * autoscale.MEMORY_CEILING
+
+    def _track_cost(self, now: float) -> None:
+        """Once a STEP while jobs run under a memory limit, whether or not growth is wanted: the first
+        burst after a quiet spell then knows what a job costs before its own horses allocate."""
+        if now - self.worker_cost_read < autoscale.STEP or not any(w.job for w in self.workers.values()):
+            return
+        if cgroups.memory_limit() is not None:
+            self._worker_costs(now)
+
+    def _worker_costs(self, now: float) -> tuple[list[Worker], list[int], int]:
+        """The live workers (those running a job first), what each of up to COST_SAMPLES of them holds,
+        and a worker's cost: the most one held within COST_MEMORY, at least procmem.WORKER_OVERHEAD (a
+        horse just forked holds little yet: its job's may be the peak's)."""
         live = sorted(
             (w for w in self.workers.values() if w.pid is not None and not w.stopping),
             key=lambda w: not w.job,
         )
         held = [self._holds(w) for w in live[:COST_SAMPLES]]
-        cost, now = max([procmem.WORKER_OVERHEAD, *held]), time.monotonic()
+        cost = max([procmem.WORKER_OVERHEAD, *held])
         if cost >= self.worker_cost[1] or now - self.worker_cost[0] > COST_MEMORY:
             self.worker_cost = (now, cost)
-        cost = self.worker_cost[1]  # a horse just forked holds little yet: its job's may be the peak's
-        lacking = sum(cost - h for h in held) + max(0, total - len(live)) * cost
-        return used + lacking <= limit * autoscale.MEMORY_CEILING
+        self.worker_cost_read = now
+        return live, held, self.worker_cost[1]
 
     @staticmethod
     def _holds(w: Worker) -> int:

@@ -5,6 +5,7 @@ SupervisorState, the desired and actual state each part (a mixin) reads and chan
 from __future__ import annotations
 
 import logging
+import math
 import os
 import selectors
 import signal
@@ -140,6 +141,7 @@ class SupervisorState(ABC):
         self.autoscalers = autoscalers(settings, {}, {})  # by group name: the groups that autoscale
         self.cpu_load = CpuLoad()
         self.worker_cost = (0.0, 0)  # (time.monotonic(), bytes): the most a worker held lately
+        self.worker_cost_read = -math.inf  # when (time.monotonic()) the workers' memory was last read
         self._seq = 0
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
