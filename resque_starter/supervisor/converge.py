@@ -54,22 +54,22 @@ class Converge(SupervisorState):
             waiting = None if mine is None else sum(r["waiting"] for r in mine)
             oldest = max((r["oldest_age"] for r in mine or [] if r["oldest_age"] is not None), default=None)
             idle = sum(w.spec.group == index and w.state == WorkerState.IDLE for w in self.workers.values())
-            room = functools.partial(self._room, index)
+            room = functools.partial(self._room, index, now)
             size = scaler.decide(now, self.sizes[index], oldest, waiting, idle, room)
             if size != self.sizes[index]:
                 log.info("autoscale: group %s: %d -> %d worker(s)", group.name, self.sizes[index], size)
                 self.sizes[index] = size
 
-    def _room(self, index: int, size: int) -> str | None:
+    def _room(self, index: int, now: float, size: int) -> str | None:
         """What leaves no room for group `index` at `size` workers: "cpu" when the container's CPUs are
         busy, "memory" when one more worker would not fit its memory; None when it fits."""
         busy = self.cpu_load.busy()
         if busy is not None and busy >= autoscale.CPU_BUSY:
             return "cpu"
         more = size - self.sizes[index]
-        return None if self._memory_fits(sum(self.sizes) + more) else "memory"
+        return None if self._memory_fits(sum(self.sizes) + more, now) else "memory"
 
-    def _memory_fits(self, total: int) -> bool:
+    def _memory_fits(self, total: int, now: float) -> bool:
         """Whether `total` workers fit the container's memory, under MEMORY_CEILING of its limit: the
         cgroup's working set now, plus what each worker lacks now of the most one worker held with its
         work-horse within COST_MEMORY (an idle worker, or one whose horse has just forked or exited, is
@@ -83,7 +83,7 @@ class Converge(SupervisorState):
             mold = self.molds.get(self.serving_generation)
             own, app = procmem.read(), procmem.read(mold.pid) if mold is not None else None
             return own is None or app is None or procmem.fit(total, own.uss, app.uss, limit, None)[0]
-        live, held, cost = self._worker_costs(time.monotonic())
+        live, held, cost = self._worker_costs(now)
         lacking = sum(cost - h for h in held) + max(0, total - len(live)) * cost
         return used + lacking <= limit * autoscale.MEMORY_CEILING
 
@@ -98,7 +98,11 @@ class Converge(SupervisorState):
     def _worker_costs(self, now: float) -> tuple[list[Worker], list[int], int]:
         """The live workers (those running a job first), what each of up to COST_SAMPLES of them holds,
         and a worker's cost: the most one held within COST_MEMORY, at least procmem.WORKER_OVERHEAD (a
-        horse just forked holds little yet: its job's may be the peak's)."""
+        horse just forked holds little yet: its job's may be the peak's). Read once per pass of the loop:
+        the tracking and each size tried share one reading."""
+        if self.worker_cost_read == now and self._worker_holdings is not None:
+            live, held = self._worker_holdings
+            return live, held, self.worker_cost[1]
         live = sorted(
             (w for w in self.workers.values() if w.pid is not None and not w.stopping),
             key=lambda w: not w.job,
@@ -107,7 +111,7 @@ class Converge(SupervisorState):
         cost = max([procmem.WORKER_OVERHEAD, *held])
         if cost >= self.worker_cost[1] or now - self.worker_cost[0] > COST_MEMORY:
             self.worker_cost = (now, cost)
-        self.worker_cost_read = now
+        self.worker_cost_read, self._worker_holdings = now, (live, held)
         return live, held, self.worker_cost[1]
 
     @staticmethod

@@ -142,6 +142,7 @@ class SupervisorState(ABC):
         self.cpu_load = CpuLoad()
         self.worker_cost = (0.0, 0)  # (time.monotonic(), bytes): the most a worker held lately
         self.worker_cost_read = -math.inf  # when (time.monotonic()) the workers' memory was last read
+        self._worker_holdings: tuple[list[Worker], list[int]] | None = None  # what it read then
         self._seq = 0
         self._signals: list[int] = []
         self._selector = selectors.DefaultSelector()
